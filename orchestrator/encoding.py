@@ -1,0 +1,98 @@
+"""Prompt templates and tokenisation of question/answer pairs, shared by training and evaluation.
+
+Conventions follow the reference evaluator (open-unlearning): prompt + answer are tokenised as ONE
+string; the label mask covers as many leading tokens as the prompt alone tokenises to; an EOS token is
+appended to the answer. Training and evaluation must use the same template, so it lives in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Named templates for the targets users fine-tune on; `{question}` is replaced, the answer follows.
+PROMPT_TEMPLATES: dict[str, str] = {
+    "qa": "Question: {question}\nAnswer: ",
+    "phi": "Question: {question}\nAnswer: ",  # TOFU's phi-1.5 format (same string as "qa")
+    "llama2": "[INST] {question} [/INST]",
+    "llama3": (
+        "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    # open-unlearning's Llama-3.2 TOFU models were fine-tuned with the chat template's system turn.
+    "llama3_tofu": (
+        "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 10 Apr 2025\n\nYou are a helpful assistant.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+}
+
+
+def resolve_template(template: str) -> str:
+    """A template name from PROMPT_TEMPLATES, or a literal format string containing ``{question}``."""
+    if template in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[template]
+    if "{question}" not in template:
+        raise ValueError(
+            f"prompt template {template!r} is neither a known name ({', '.join(PROMPT_TEMPLATES)}) "
+            "nor a format string containing {question}"
+        )
+    return template
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+    prompt_length: int
+
+
+def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
+    return tokenizer(resolve_template(template).format(question=question), add_special_tokens=True)["input_ids"]
+
+
+def encode_pair(tokenizer, question: str, answer: str, template: str, max_length: int) -> EncodedExample:
+    """Tokenise prompt + answer as one string, append EOS, mask the prompt's length."""
+    prompt = resolve_template(template).format(question=question)
+    full_ids = tokenizer(prompt + answer, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_length = min(len(tokenizer(prompt, add_special_tokens=True)["input_ids"]), len(full_ids))
+    full_ids = full_ids[:max_length]
+    labels = [IGNORE_INDEX] * min(prompt_length, len(full_ids)) + full_ids[prompt_length:]
+    return EncodedExample(full_ids, labels, prompt_length)
+
+
+def pad_id(tokenizer) -> int:
+    """With no pad token, EOS pads (as in the reference). A pad id outside the base vocabulary (an added
+    ``<pad>`` the model has no embedding for, as in some Llama-2 TOFU tokenizers) pads with EOS too."""
+    pad = tokenizer.pad_token_id
+    if pad is None or pad >= getattr(tokenizer, "vocab_size", pad + 1):
+        return tokenizer.eos_token_id
+    return pad
+
+
+def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch for teacher forcing: input_ids, attention_mask, labels [batch, seq]."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch for generation: input_ids, attention_mask [batch, seq]."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
