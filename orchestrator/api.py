@@ -1,0 +1,314 @@
+"""The Python API: ``run(spec)`` and ``resume(run_dir)``; the CLI is a thin layer over these.
+
+Order matters: everything that can be wrong with the input is checked before Ray is started and before
+anything is written; then the run directory, Ray, prepare, the sweep and the comparison, in that order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import yaml
+
+from orchestrator.spec import JobSpec, SpecError, load_spec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunResult:
+    """A finished (or resumed) sweep: where it lives and what it measured."""
+
+    run_dir: Path
+    evals: pa.Table
+    samples: pa.Table
+    ranking: pa.Table | None
+    report: Path | None
+    summary: str
+
+    def best_trials(self, n: int = 5) -> list[dict[str, Any]]:
+        """The top of the ranking (reference rows excluded), as dicts."""
+        if self.ranking is None:
+            return []
+        rows = [r for r in self.ranking.to_pylist() if r.get("method") not in ("target", "retain")]
+        return rows[:n]
+
+
+# ---------------------------------------------------------------- checks before Ray
+def preflight(spec: JobSpec) -> None:
+    """Input checks that need no cluster: model references and the benchmark's splits and rows."""
+    from orchestrator.data import check_splits, load_benchmark
+    from orchestrator.models import check_reference
+    from orchestrator.prepare import benchmark_config
+    from orchestrator.sweep import grid_configs
+
+    for field, reference in (("model.target", spec.model.target), ("model.retain", spec.model.retain),
+                             ("model.tokenizer", spec.model.tokenizer)):
+        if reference and reference != "embedded":
+            check_reference(reference, field)
+    bench = benchmark_config(spec)
+    data = load_benchmark(bench["source"], **bench["generator"])
+    b = spec.benchmark
+    check_splits(data, b.forget_split, b.retain_split, b.holdout_split)
+    if spec.sweep.search == "grid":
+        for i, entry in enumerate(spec.sweep.methods):
+            grid_configs(entry, f"sweep.methods[{i}]")
+    if spec.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        cpus = spec.ray.num_cpus or os.cpu_count() or 1
+        check_capacity(spec, cpus, 0.0 if not spec.scaling.use_gpu else _local_gpus())
+
+
+def check_capacity(spec: JobSpec, cpus: float, gpus: float) -> None:
+    from orchestrator.sweep import gang_fits
+
+    if gang_fits(spec, cpus, gpus) < 1:
+        s = spec.scaling
+        need = f"{s.num_workers} × {s.cpus_per_worker} CPU" + (f" and {s.num_workers} GPU" if s.use_gpu else "")
+        raise SpecError(f"field 'scaling.num_workers': a trial needs {need}, the cluster has {cpus:g} CPU"
+                        + (f" and {gpus:g} GPU" if s.use_gpu else "") + ": it could never be scheduled")
+
+
+def _local_gpus() -> float:
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+# ---------------------------------------------------------------- provenance
+def provenance() -> dict[str, Any]:
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    return {"git_sha": sha, "versions": json.dumps(versions, sort_keys=True)}
+
+
+# ---------------------------------------------------------------- Ray
+# Each background actor of a Train run costs a few % of a core; on small clusters that is real time.
+RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a spot-preemption poller; clusters that need it set 1
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reached the driver twice with it on
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def init_ray(spec: JobSpec, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or spec.ray.address
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(num_cpus=spec.ray.num_cpus, dashboard_host=spec.ray.dashboard_host, include_dashboard=None,
+             log_to_driver=True)
+
+
+def cluster_capacity() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+
+def ray_fit(run_dir: Path) -> Callable[[list[list[dict[str, Any]]], int, float], None]:
+    """How prepare runs the worker loop: one TorchTrainer gang per task list, the gangs concurrently."""
+
+    def fit_one(tasks: list[dict[str, Any]], num_workers: int, cpus: float) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from orchestrator.worker import train_loop_per_worker
+
+        use_gpu = bool(tasks[0]["scaling"]["use_gpu"])
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config={"tasks": tasks},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus} | ({"GPU": 1} if use_gpu else {})),
+            run_config=RunConfig(name=f"prepare-{uuid.uuid4().hex[:8]}", storage_path=str(run_dir / "prepare")),
+        )
+        trainer.fit()
+
+    def fit(gangs: list[list[dict[str, Any]]], num_workers: int, cpus: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(gangs)) as pool:
+            for future in [pool.submit(fit_one, tasks, num_workers, cpus) for tasks in gangs]:
+                future.result()
+
+    return fit
+
+
+# ---------------------------------------------------------------- run / resume
+def default_run_dir(spec: JobSpec) -> Path:
+    return Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(spec: JobSpec | str | os.PathLike, run_dir: str | os.PathLike | None = None, address: str | None = None,
+        overrides: list[str] | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Validate, prepare, sweep and compare; return the run's tables and ranking."""
+    from orchestrator.prepare import prepare
+    from orchestrator.results import write_evals
+
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec, overrides)
+    preflight(spec)
+    run_dir = Path(run_dir or spec.run_dir or default_run_dir(spec)).resolve()
+    if (run_dir / "run.json").exists():
+        raise SpecError(f"--run-dir {run_dir}: already holds a run; use `unlearn resume {run_dir}`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    init_ray(spec, address)
+    from orchestrator.sweep import gang_fits
+
+    cpus, gpus = cluster_capacity()
+    check_capacity(spec, cpus, gpus)
+    run_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+    log(f"run {run_id}: {run_dir}")
+    prepared = prepare(spec, ray_fit(run_dir), log)
+    log(f"prepare: done in {prepared.seconds:.0f} s")
+    base = base_trial_config(spec, run_dir, run_id, prepared)
+    for row in prepared.reference_rows:
+        write_evals(run_dir, [reference_row(base, row)], row["trial_id"], 0)
+    max_concurrent = spec.sweep.max_concurrent or max(1, gang_fits(spec, cpus, gpus))
+    state = {"run_id": run_id, "base_config": base, "max_concurrent": max_concurrent}
+    (run_dir / "run.json").write_text(json.dumps(state, indent=1))
+    return _sweep_and_compare(spec, run_dir, state, log, restore=False)
+
+
+def resume(run_dir: str | os.PathLike, address: str | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Continue a sweep whose driver stopped: finished trials are kept, unfinished ones continue."""
+    from orchestrator.spec import parse_spec, read_yaml
+
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "run.json").exists():
+        raise SpecError(f"{run_dir}: not a run directory (no run.json); start it with `unlearn run`")
+    spec = parse_spec(read_yaml(run_dir / "spec.yaml"), str(run_dir / "spec.yaml"))
+    state = json.loads((run_dir / "run.json").read_text())
+    init_ray(spec, address)
+    log(f"resuming run {state['run_id']}: {run_dir}")
+    return _sweep_and_compare(spec, run_dir, state, log, restore=True)
+
+
+def _sweep_and_compare(spec: JobSpec, run_dir: Path, state: dict[str, Any], log, restore: bool) -> RunResult:
+    from orchestrator.sweep import build_tuner, restore_tuner
+
+    start = time.perf_counter()
+    if restore and (run_dir / "tune").exists():
+        tuner = restore_tuner(spec, run_dir, state["base_config"])
+    else:
+        tuner = build_tuner(spec, run_dir, state["base_config"], state["max_concurrent"])
+    grid = tuner.fit()
+    failed = sum(1 for result in grid if result.error is not None)
+    log(f"sweep: {len(grid)} trials in {time.perf_counter() - start:.0f} s ({failed} failed)")
+    finalize_statuses(run_dir, state, [(Path(r.path).name, r.error is not None) for r in grid])
+    return summarize(run_dir, spec.utility_ceiling, log)
+
+
+def finalize_statuses(run_dir: Path, state: dict[str, Any], trials: list[tuple[str, bool]]) -> None:
+    """A trial that ended while its last row still says "running" was stopped (ASHA) or failed; one
+    that failed before any evaluation gets a row of its own, so the comparison never drops it."""
+    from orchestrator.results import read_evals, write_evals
+
+    evals = read_evals(run_dir)
+    last_rows: dict[str, dict[str, Any]] = {}
+    for row in evals.to_pylist():
+        if row["trial_id"] not in last_rows or row["epoch"] >= last_rows[row["trial_id"]]["epoch"]:
+            last_rows[row["trial_id"]] = row
+    base = state["base_config"]
+    for trial_id, errored in trials:
+        row = last_rows.get(trial_id)
+        if row is None and errored:
+            method = trial_id.rsplit("_", 2)[0]
+            row = reference_row(base, {"trial_id": trial_id, "method": method, "epoch": 0, "params": "{}"})
+            write_evals(run_dir, [dict(row, status="failed", num_workers=base["scaling"]["num_workers"])], trial_id, 0)
+        elif row is not None and row["status"] == "running":
+            row = {k: v for k, v in row.items() if v is not None}
+            write_evals(run_dir, [dict(row, status="failed" if errored else "stopped")], trial_id, row["epoch"])
+
+
+def summarize(run_dir: Path, utility_ceiling: float, log: Callable[[str], None] = print) -> RunResult:
+    from orchestrator.compare import compare_runs, format_table
+    from orchestrator.results import read_evals, read_samples
+
+    comparison = compare_runs([str(run_dir)], str(run_dir), utility_ceiling=utility_ceiling)
+    log(format_table(comparison.ranked))
+    report = comparison.report_paths.get("html")
+    summary = f"tables: {run_dir / 'evals'} · ranking: {comparison.ranking_path} · report: {report}"
+    log(summary)
+    return RunResult(run_dir, read_evals(run_dir), read_samples(run_dir), comparison.ranked,
+                     Path(report) if report else None, summary)
+
+
+def base_trial_config(spec: JobSpec, run_dir: Path, run_id: str, prepared) -> dict[str, Any]:
+    from orchestrator.prepare import benchmark_config, evaluation_config, model_config
+
+    return {
+        "run_dir": str(run_dir), "run_id": run_id, "seed": spec.seed, "spec_hash": spec.spec_hash(),
+        **provenance(),
+        "model": model_config(spec, prepared.model_path, prepared.tokenizer_path),
+        "training": spec.training.model_dump(), "scaling": spec.scaling.model_dump(),
+        "benchmark": benchmark_config(spec), "evaluation": evaluation_config(spec),
+        "references": {"retain_stats": prepared.retain_stats, "target_model_utility": prepared.target_model_utility},
+        "utility_weight": spec.sweep.utility_weight,
+        "threads_per_worker": spec.scaling.threads_per_worker,
+    }
+
+
+def reference_row(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A target/retain evals row with the run's identity and provenance columns."""
+    from orchestrator.results import EVALS_SCHEMA
+
+    out = {k: v for k, v in row.items() if k in EVALS_SCHEMA.names}
+    out.update(run_id=base["run_id"], step=0, seed=base["seed"], spec_hash=base["spec_hash"],
+               git_sha=base["git_sha"], versions=base["versions"], num_workers=1,
+               zero_stage=base["scaling"]["zero_stage"])
+    return out
+
+
+def prepare_only(spec: JobSpec, address: str | None = None, log: Callable[[str], None] = print):
+    """The prepare stage alone (``unlearn prepare``): build or reuse the reference models."""
+    from orchestrator.prepare import prepare
+
+    init_ray(spec, address)
+    workdir = Path(spec.prepare.cache_dir).expanduser().resolve() / "ray"
+    return prepare(spec, ray_fit(workdir), log)
+
+
+def summarize_sources(sources: list[str], out: str | None, utility_ceiling: float | None,
+                      log: Callable[[str], None] = print):
+    """``unlearn compare``: rank one or several runs (or Parquet files) and write the report."""
+    from orchestrator.compare import compare_runs, format_table
+
+    ceiling = utility_ceiling
+    if ceiling is None:
+        spec_file = Path(sources[0]) / "spec.yaml"
+        ceiling = yaml.safe_load(spec_file.read_text()).get("utility_ceiling", 0.10) if spec_file.exists() else 0.10
+    for source in sources:
+        if not Path(source).exists():
+            raise SpecError(f"compare: {source}: no such run directory or Parquet file")
+    comparison = compare_runs(list(sources), out, utility_ceiling=ceiling)
+    log(format_table(comparison.methods))
+    log(format_table(comparison.ranked))
+    log(f"ranking: {comparison.ranking_path} · report: {comparison.report_paths.get('html')}")
+    return comparison

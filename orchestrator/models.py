@@ -1,0 +1,85 @@
+"""Models and tokenizers: a small Llama built from a config for the embedded benchmark, or any
+``from_pretrained`` id / local path. Loading never downloads when offline: a missing id is one line."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded, named in one line."""
+
+
+def build_embedded_model(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                         intermediate_size: int, max_positions: int, seed: int):
+    """A small LlamaForCausalLM from a config (random init, seeded): the embedded benchmark's model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def check_reference(reference: str, field: str) -> None:
+    """Fail fast (before Ray starts) on a local path that does not exist or a hub id not reachable."""
+    expanded = os.path.expanduser(reference)
+    if reference.startswith((".", "/", "~")):
+        if not Path(expanded).exists():
+            raise ModelLoadError(f"field '{field}': model path {reference!r} does not exist")
+        return
+    if Path(expanded).exists():
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(reference)
+    except Exception as err:  # noqa: BLE001 - any failure to resolve is reported as one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"field '{field}': cannot load {reference!r} (no local path, and the hub is unreachable or has no such id): {reason[:160]}"
+        ) from None
+
+
+def load_model(reference: str, dtype: str = "float32", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(reference), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model {reference!r}: {str(err).splitlines()[0][:160]}") from None
+
+
+def load_tokenizer(reference: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(reference), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load tokenizer {reference!r}: {str(err).splitlines()[0][:160]}") from None
+    if tokenizer.pad_token_id is None:  # the reference pads with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | None):
+    """Wrap ``model`` with peft LoRA on every linear layer but lm_head (or the named modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    if target_modules is None:
+        target_modules = sorted({
+            name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+        })
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    return get_peft_model(model, config)

@@ -1,0 +1,214 @@
+"""The sweep: Ray Tune over methods × hyperparameters; each trial drives a Ray Train gang.
+
+Search-space construction is pure (``trial_space``, ``grid_configs``); only ``build_tuner`` and
+``driver`` touch Tune and Train. Ray Train V2 refuses ``Tuner(trainer)``: each trial runs ``driver``,
+which builds and fits a TorchTrainer and forwards its reports with ``TuneReportCallback``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+from methods import get_method_class
+from orchestrator.spec import TRAINER_KEYS, JobSpec, MethodEntry
+
+DRIVER_CPU = 0.01  # a Tune trial that only drives a TorchTrainer (0 is refused by Ray 2.60)
+
+
+class SweepError(ValueError):
+    """A search space that cannot be swept as asked (one line naming the field)."""
+
+
+def method_space(entry: MethodEntry) -> dict[str, dict[str, Any]]:
+    """The entry's space, or the method's default one, minus keys the entry fixes."""
+    space = entry.space if entry.space is not None else dict(get_method_class(entry.name).default_space)
+    return {key: dist for key, dist in space.items() if key not in entry.params}
+
+
+def grid_configs(entry: MethodEntry, where: str) -> list[dict[str, Any]]:
+    """Every combination of a method's grid/choice values (grid search)."""
+    space = method_space(entry)
+    axes = []
+    for key, dist in space.items():
+        (kind, values), = dist.items()
+        if kind not in ("grid", "choice"):
+            raise SweepError(f"field '{where}.space.{key}': grid search needs grid or choice values, got {kind}")
+        axes.append([(key, value) for value in values])
+    return [{"method": entry.name, **entry.params, **dict(combo)} for combo in itertools.product(*axes)]
+
+
+def tune_domain(dist: dict[str, Any]):
+    from ray import tune
+
+    (kind, values), = dist.items()
+    if kind in ("grid", "choice"):
+        return tune.choice(values)
+    if kind == "uniform":
+        return tune.uniform(*values)
+    if kind == "loguniform":
+        return tune.loguniform(*values)
+    return tune.randint(values[0], values[1] + 1)  # inclusive high, as users write it
+
+
+def trial_space(spec: JobSpec) -> dict[str, Any]:
+    """Tune param_space for grid and random search: one grid point per method (or per method setting)."""
+    from ray import tune
+
+    sweep = spec.sweep
+    if sweep.search == "grid":
+        configs = [c for i, e in enumerate(sweep.methods) for c in grid_configs(e, f"sweep.methods[{i}]")]
+    else:
+        configs = [{"method": e.name, **e.params, **{k: tune_domain(d) for k, d in method_space(e).items()}}
+                   for e in sweep.methods]
+    return {"trial": tune.grid_search(configs)}
+
+
+def optuna_space(spec: JobSpec):
+    """Define-by-run space for Optuna: the method is a categorical choice, its params conditional on it."""
+    entries = {entry.name: entry for entry in spec.sweep.methods}
+
+    def define(trial) -> dict[str, Any]:
+        name = trial.suggest_categorical("method", sorted(entries))
+        entry = entries[name]
+        for key, dist in method_space(entry).items():
+            (kind, values), = dist.items()
+            label = f"{name}.{key}"
+            if kind in ("grid", "choice"):
+                trial.suggest_categorical(label, values)
+            elif kind == "randint":
+                trial.suggest_int(label, values[0], values[1])
+            else:
+                trial.suggest_float(label, values[0], values[1], log=kind == "loguniform")
+        return {f"{name}.{key}": value for key, value in entry.params.items()}
+
+    return define
+
+
+def split_trial_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Tune config → (method, method params, trainer overrides), for both space layouts."""
+    flat = dict(config["trial"]) if "trial" in config else {}
+    if not flat:  # optuna layout: method + "<method>.<key>" entries
+        method = config["method"]
+        prefix = f"{method}."
+        flat = {"method": method, **{k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}}
+    method = flat.pop("method")
+    trainer = {k: flat.pop(k) for k in TRAINER_KEYS if k in flat}
+    return method, flat, trainer
+
+
+def gang_fits(spec: JobSpec, cluster_cpus: float, cluster_gpus: float) -> int:
+    """How many trials can run at once without any waiting half-scheduled."""
+    s = spec.scaling
+    per_trial_cpus = s.num_workers * s.cpus_per_worker + DRIVER_CPU
+    fits = math.floor(cluster_cpus / per_trial_cpus + 1e-9)
+    if s.use_gpu:
+        fits = min(fits, math.floor(cluster_gpus / s.num_workers))
+    return fits
+
+
+def build_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any], max_concurrent: int):
+    from ray import tune
+
+    sweep = spec.sweep
+    metric, mode = _metric(spec)
+    search_alg = None
+    param_space: dict[str, Any]
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna
+
+        search_alg = OptunaSearch(space=optuna_space(spec), metric=metric, mode=mode,
+                                  sampler=optuna.samplers.TPESampler(seed=spec.seed)
+                                  if not sweep.multi_objective else optuna.samplers.NSGAIISampler(seed=spec.seed))
+        param_space = {}
+        metric_arg, mode_arg = (None, None)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent)
+        param_space = trial_space(spec)
+        metric_arg, mode_arg = metric, mode
+    scheduler = None
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=sweep.grace_period,
+                                  reduction_factor=sweep.reduction_factor)
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
+    trainable = tune.with_resources(tune.with_parameters(driver, base_config=base_config), {"cpu": DRIVER_CPU})
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg, scheduler=scheduler, num_samples=sweep.num_samples,
+        max_concurrent_trials=max_concurrent, metric=None if sweep.multi_objective else metric_arg,
+        mode=None if sweep.multi_objective else mode_arg,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+    )
+    run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), progress_reporter=progress_reporter(spec),
+                                verbose=1)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _metric(spec: JobSpec) -> tuple[Any, Any]:
+    if spec.sweep.multi_objective:
+        return ["log10_forget_quality", "utility_loss"], ["max", "min"]
+    return spec.sweep.metric, "max"
+
+
+def _trial_name(trial) -> str:
+    method = trial.config.get("trial", {}).get("method") or trial.config.get("method", "trial")
+    return f"{method}_{trial.trial_id}"
+
+
+def progress_reporter(spec: JobSpec):
+    from ray import tune
+
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "forget_quality": "FQ", "model_utility": "MU",
+                        "utility_loss": "util.loss", "status": "status"},
+        parameter_columns={"trial/method": "method"} if spec.sweep.search != "optuna" else {"method": "method"},
+        max_report_frequency=30, sort_by_metric=False,
+    )
+
+
+def driver(config: dict[str, Any], base_config: dict[str, Any]) -> None:
+    """One Tune trial: fit a TorchTrainer gang running the worker loop, forwarding its reports."""
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.worker import train_loop_per_worker
+
+    method, params, trainer_overrides = split_trial_config(config)
+    trial_id = tune.get_context().get_trial_id()
+    worker_config = dict(base_config)
+    worker_config.update(
+        mode="unlearn", method=method, params=params, trial_id=f"{method}_{trial_id}",
+        trial_params={**params, **trainer_overrides},
+        training={**base_config["training"], **trainer_overrides},
+    )
+    scaling = base_config["scaling"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
+                                     resources_per_worker={"CPU": scaling["cpus_per_worker"]}
+                                     | ({"GPU": 1} if scaling["use_gpu"] else {})),
+        run_config=RunConfig(name=worker_config["trial_id"], storage_path=str(Path(base_config["run_dir"]) / "train"),
+                             failure_config=FailureConfig(max_failures=scaling["max_failures"]),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def restore_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any]):
+    """Reload the Tune experiment: finished trials stay finished, unfinished ones resume from checkpoints."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(driver, base_config=base_config), {"cpu": DRIVER_CPU})
+    return tune.Tuner.restore(str(run_dir / "tune"), trainable=trainable, resume_unfinished=True,
+                              resume_errored=True, restart_errored=False)
