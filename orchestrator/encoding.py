@@ -14,6 +14,11 @@ IGNORE_INDEX = -100
 
 # Named templates for the targets users fine-tune on; `{question}` is replaced, the answer follows.
 PROMPT_TEMPLATES: dict[str, str] = {
+    # The embedded benchmark's: it ends in a newline, which byte-level BPE always keeps as its own token,
+    # so the prompt tokenises the same alone as in front of its answer. A prompt ending in a space does
+    # not: " Florian" is one token in training, a lone " " at generation, and greedy decoding then starts
+    # from a token the model never saw after "Answer:" (measured: ROUGE 0.03 at answer probability 0.8).
+    "embedded": "Question: {question}\nAnswer:\n",
     "qa": "Question: {question}\nAnswer: ",
     "phi": "Question: {question}\nAnswer: ",  # TOFU's phi-1.5 format (same string as "qa")
     "llama2": "[INST] {question} [/INST]",

@@ -23,7 +23,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` passed `gt=0` and reached the optimizer.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BenchmarkSpec(_Strict):
@@ -48,18 +49,24 @@ class ModelSpec(_Strict):
     target: str = "embedded"  # "embedded" (built and fine-tuned by prepare) or a hub id / local path
     retain: str | None = None  # retain model id/path for real benchmarks; embedded: trained by prepare
     tokenizer: str | None = None  # defaults to the target's
-    prompt_template: str = "qa"  # name in encoding.PROMPT_TEMPLATES or a format string with {question}
+    # A name in encoding.PROMPT_TEMPLATES or a format string with {question}; must be the one the target
+    # was fine-tuned with. Default: "embedded" for the embedded target, "qa" (TOFU's phi format) otherwise.
+    prompt_template: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     embedded: EmbeddedModelSpec = EmbeddedModelSpec()
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _known_template(cls, value: str) -> str:
+    @model_validator(mode="after")
+    def _template(self) -> "ModelSpec":
         from orchestrator.encoding import resolve_template
 
-        resolve_template(value)
-        return value
+        if self.prompt_template is None:
+            object.__setattr__(self, "prompt_template", "embedded" if self.target == "embedded" else "qa")
+        try:
+            resolve_template(self.prompt_template)
+        except ValueError as err:
+            raise ValueError(f"prompt_template: {err}") from None
+        return self
 
 
 class PrepareSpec(_Strict):
@@ -129,9 +136,11 @@ class MethodEntry(_Strict):
 
         get_method_class(self.name)
         known = set(param_names(self.name)) | set(TRAINER_KEYS)
-        for key in self.params:
+        for key, value in self.params.items():
             if key not in known:
                 raise ValueError(f"params.{key}: method {self.name!r} has no such hyperparameter; known: {sorted(known)}")
+            if key in TRAINER_KEYS:
+                check_trainer_value(f"params.{key}", key, value)
         if self.space is not None:
             if not self.space:
                 raise ValueError("space: empty search space (omit it to use the method's default)")
@@ -155,10 +164,27 @@ def check_distribution(where: str, dist: Any) -> None:
             raise ValueError(f"{where}.{kind}: needs [low, high] numbers with low < high")
         if kind == "loguniform" and values[0] <= 0:
             raise ValueError(f"{where}.loguniform: low must be > 0")
-    if where.endswith(".lr") or where.endswith("lr"):
-        numbers = [v for v in values if isinstance(v, (int, float))]
-        if any(v <= 0 or not math.isfinite(v) for v in numbers):
-            raise ValueError(f"{where}: learning rates must be positive and finite")
+    key = where.rsplit(".", 1)[-1]
+    if key in TRAINER_KEYS:
+        if key == "epochs" and kind in ("uniform", "loguniform"):
+            raise ValueError(f"{where}: epochs needs grid, choice or randint values")
+        for value in values:
+            check_trainer_value(where, key, value)
+
+
+def check_trainer_value(where: str, key: str, value: Any) -> None:
+    """A trainer setting fixed or swept per method obeys the bounds of the ``training`` section
+    (a ``params: {lr: 0}`` or ``epochs: {grid: [0]}`` used to pass and reach the optimizer)."""
+    if key == "epochs":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: epochs must be an integer >= 1, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
+    if key == "lr" and value <= 0:
+        raise ValueError(f"{where}: learning rates must be positive and finite")
+    if key == "weight_decay" and value < 0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {value!r}")
 
 
 class SweepSpec(_Strict):

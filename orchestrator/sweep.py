@@ -140,7 +140,7 @@ def build_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any], max_c
         from ray.tune.search import ConcurrencyLimiter
 
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
-    trainable = tune.with_resources(tune.with_parameters(driver, base_config=base_config), {"cpu": DRIVER_CPU})
+    trainable = trial_trainable(spec, base_config)
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=sweep.num_samples,
         max_concurrent_trials=max_concurrent, metric=None if sweep.multi_objective else metric_arg,
@@ -174,7 +174,21 @@ def progress_reporter(spec: JobSpec):
     )
 
 
-def driver(config: dict[str, Any], base_config: dict[str, Any]) -> None:
+def trial_trainable(spec: JobSpec, base_config: dict[str, Any]):
+    """The Tune trainable: ``driver`` with the run's base config and the swept method classes.
+
+    The classes travel with the trainable (by value for classes defined in a user's script), so a method
+    registered in a tuning script is known to trial drivers and workers without touching orchestrator/.
+    """
+    from ray import tune
+
+    method_classes = {entry.name: get_method_class(entry.name) for entry in spec.sweep.methods}
+    return tune.with_resources(
+        tune.with_parameters(driver, base_config=base_config, method_classes=method_classes), {"cpu": DRIVER_CPU}
+    )
+
+
+def driver(config: dict[str, Any], base_config: dict[str, Any], method_classes: dict[str, type]) -> None:
     """One Tune trial: fit a TorchTrainer gang running the worker loop, forwarding its reports."""
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -187,7 +201,7 @@ def driver(config: dict[str, Any], base_config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     worker_config = dict(base_config)
     worker_config.update(
-        mode="unlearn", method=method, params=params, trial_id=f"{method}_{trial_id}",
+        mode="unlearn", method=method, method_class=method_classes[method], params=params, trial_id=f"{method}_{trial_id}",
         trial_params={**params, **trainer_overrides},
         training={**base_config["training"], **trainer_overrides},
     )
@@ -209,6 +223,6 @@ def restore_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any]):
     """Reload the Tune experiment: finished trials stay finished, unfinished ones resume from checkpoints."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(driver, base_config=base_config), {"cpu": DRIVER_CPU})
+    trainable = trial_trainable(spec, base_config)
     return tune.Tuner.restore(str(run_dir / "tune"), trainable=trainable, resume_unfinished=True,
                               resume_errored=True, restart_errored=False)

@@ -59,6 +59,14 @@ class FineTune(UnlearningMethod):
 
 
 # ---------------------------------------------------------------- setup helpers
+def ensure_registered(name: str, cls: type | None) -> None:
+    """Register a method class that came with the trial config (defined in a user's tuning script)."""
+    from methods import method_names, register_method
+
+    if cls is not None and name not in method_names():
+        register_method(name)(cls)
+
+
 def training_rows(data: dict[str, list[dict]], splits: list[str], paraphrases: bool) -> list[dict]:
     """Fine-tuning rows; with ``paraphrases`` each row also as (question → paraphrased answer)."""
     rows = [row for split in splits for row in data[split]]
@@ -217,6 +225,11 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
 
+    if ctx.device.type == "cpu":
+        # DeepSpeed's shared-memory CPU collectives JIT-compile a C++ op (minutes on 2 cores) on first use;
+        # gloo needs none of it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     from orchestrator.data import UnlearningDataset, collate_splits, load_benchmark
     from orchestrator.encoding import pad_id
     from orchestrator.models import apply_lora, load_model, load_tokenizer
@@ -235,6 +248,7 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
             or data[bench_cfg["forget_split"]]
         retain_rows = forget_rows
     else:
+        ensure_registered(config["method"], config.get("method_class"))
         method = build_method(config["method"], **config["params"])
         forget_rows, retain_rows = data[bench_cfg["forget_split"]], data[bench_cfg["retain_split"]]
     dataset = UnlearningDataset({"forget": forget_rows, "retain": retain_rows}, method.splits, tokenizer,

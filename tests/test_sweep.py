@@ -1,0 +1,183 @@
+"""Search-space construction (pure) and the sweep's Tune behaviour on a real local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.spec import parse_spec
+from orchestrator.sweep import SweepError, gang_fits, grid_configs, optuna_space, split_trial_config, trial_space
+from tests.conftest import ROOT, tiny_spec
+
+
+def _spec(methods, **sweep):
+    return parse_spec(tiny_spec("/tmp/unused-cache", sweep={"methods": methods, **sweep}))
+
+
+# ---------------------------------------------------------------- pure parts
+def test_grid_expands_every_combination_and_keeps_fixed_params():
+    spec = _spec([{"name": "npo", "params": {"alpha": 2.0},
+                   "space": {"lr": {"grid": [1e-4, 2e-4]}, "beta": {"choice": [0.1, 0.5, 1.0]}}}])
+    configs = grid_configs(spec.sweep.methods[0], "sweep.methods[0]")
+    assert len(configs) == 2 * 3
+    assert all(c["method"] == "npo" and c["alpha"] == 2.0 for c in configs)
+    assert {(c["lr"], c["beta"]) for c in configs} == {(lr, b) for lr in (1e-4, 2e-4) for b in (0.1, 0.5, 1.0)}
+
+
+def test_grid_refuses_continuous_dimensions_naming_the_field():
+    spec = _spec([{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}}])
+    with pytest.raises(SweepError, match=r"sweep.methods\[0\].space.lr"):
+        grid_configs(spec.sweep.methods[0], "sweep.methods[0]")
+
+
+def test_default_space_is_used_when_the_spec_names_only_the_method():
+    from methods import get_method_class
+
+    spec = _spec([{"name": "npo"}], search="random")
+    point = trial_space(spec)["trial"]["grid_search"][0]
+    assert set(point) == {"method"} | set(get_method_class("npo").default_space)
+
+
+def test_trial_config_split_for_both_layouts():
+    grid_layout = {"trial": {"method": "npo", "lr": 1e-4, "epochs": 3, "beta": 0.5}}
+    assert split_trial_config(grid_layout) == ("npo", {"beta": 0.5}, {"lr": 1e-4, "epochs": 3})
+    optuna_layout = {"method": "npo", "npo.lr": 2e-4, "npo.beta": 0.1, "ga.lr": 9.0}
+    assert split_trial_config(optuna_layout) == ("npo", {"beta": 0.1}, {"lr": 2e-4})
+
+
+def test_optuna_space_is_conditional_on_the_method():
+    optuna = pytest.importorskip("optuna")
+    spec = _spec([{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}},
+                  {"name": "npo", "params": {"alpha": 0.0}, "space": {"beta": {"choice": [0.1, 0.5]}}}],
+                 search="optuna")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        fixed = optuna_space(spec)(trial)
+        if trial.params["method"] == "ga":
+            assert set(trial.params) == {"method", "ga.lr"} and fixed == {}
+        else:
+            assert set(trial.params) == {"method", "npo.beta"} and fixed == {"npo.alpha": 0.0}
+        study.tell(trial, 0.0)
+
+
+def test_gang_fits_counts_whole_gangs_only():
+    spec = parse_spec(tiny_spec("/tmp/x"))  # 2 workers × 0.99 CPU + 0.01 for the trial driver
+    assert gang_fits(spec, 2.0, 0.0) == 1
+    assert gang_fits(spec, 3.9, 0.0) == 1
+    assert gang_fits(spec, 4.0, 0.0) == 2
+    assert gang_fits(spec, 1.0, 0.0) == 0
+
+
+# ---------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def grid_run(ray_local, tiny_cache, tmp_path_factory):
+    """Two methods × two learning rates, 2-worker ZeRO-2 gangs, one run shared by the tests below."""
+    from orchestrator.api import run
+
+    run_dir = tmp_path_factory.mktemp("grid") / "run"
+    spec = parse_spec(tiny_spec(tiny_cache, sweep={"methods": [
+        {"name": "ga", "space": {"lr": {"grid": [5e-5, 2e-4]}}},
+        {"name": "graddiff", "space": {"lr": {"grid": [5e-5, 2e-4]}}},
+    ]}))
+    return run(spec, run_dir=run_dir, log=lambda line: None)
+
+
+@pytest.mark.integration
+def test_grid_sweep_writes_one_final_row_per_trial(grid_run):
+    rows = [r for r in grid_run.evals.to_pylist() if r["method"] not in ("target", "retain")]
+    trials = {r["trial_id"] for r in rows}
+    assert len(trials) == 4
+    final = [r for r in rows if r["status"] == "ok"]
+    assert sorted(r["trial_id"] for r in final) == sorted(trials)  # exactly one final row per trial
+    for trial in trials:
+        epochs = sorted(r["epoch"] for r in rows if r["trial_id"] == trial)
+        assert epochs == [1, 2]
+    lrs = sorted(json.loads(r["params"])["lr"] for r in final)
+    assert lrs == [5e-5, 5e-5, 2e-4, 2e-4]
+    for r in final:  # reproducibility columns
+        assert r["num_workers"] == 2 and r["per_worker_batch"] == 4 and r["grad_accum"] == 1
+        assert r["effective_batch"] == 8 and r["zero_stage"] == 2 and r["seed"] == 0
+        assert r["spec_hash"] and r["git_sha"] and "torch" in json.loads(r["versions"])
+
+
+@pytest.mark.integration
+def test_resume_of_a_finished_run_reruns_nothing(grid_run):
+    from orchestrator.api import resume
+
+    files = {p: p.stat().st_mtime_ns for p in (grid_run.run_dir / "evals").glob("*.parquet")}
+    result = resume(grid_run.run_dir, log=lambda line: None)
+    assert {p: p.stat().st_mtime_ns for p in (grid_run.run_dir / "evals").glob("*.parquet")} == files
+    assert result.evals.num_rows == grid_run.evals.num_rows
+
+
+@pytest.mark.integration
+def test_asha_stops_bad_trials_early(ray_local, tiny_cache, tmp_path):
+    """Learning rates too small to unlearn score like the target; ASHA stops them at the first rung."""
+    from orchestrator.api import run
+
+    spec = parse_spec(tiny_spec(
+        tiny_cache,
+        training={"epochs": 4, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 2},
+        sweep={"methods": [{"name": "ga", "space": {"lr": {"grid": [1e-3, 1e-9, 5e-4, 1e-9]}}}],
+               "scheduler": "asha", "grace_period": 1, "reduction_factor": 2, "max_concurrent": 1},
+    ))
+    result = run(spec, run_dir=tmp_path / "run", log=lambda line: None)
+    rows = [r for r in result.evals.to_pylist() if r["method"] == "ga"]
+    epochs = {}
+    for r in rows:
+        epochs[r["trial_id"]] = max(epochs.get(r["trial_id"], 0), r["epoch"])
+    assert len(epochs) == 4
+    assert min(epochs.values()) < 4 and max(epochs.values()) == 4  # some stopped early, the best ran out
+    stopped = {r["trial_id"] for r in rows if r["status"] == "stopped"}
+    assert stopped and all(epochs[t] < 4 for t in stopped)
+
+
+@pytest.mark.integration
+def test_optuna_multi_objective_sweep_runs(ray_local, tiny_cache, tmp_path):
+    from orchestrator.api import run
+
+    spec = parse_spec(tiny_spec(
+        tiny_cache,
+        training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
+        sweep={"methods": [{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}},
+                           {"name": "npo", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}}],
+               "search": "optuna", "multi_objective": True, "num_samples": 3, "max_concurrent": 2},
+    ))
+    result = run(spec, run_dir=tmp_path / "run", log=lambda line: None)
+    trials = {r["trial_id"] for r in result.evals.to_pylist() if r["method"] in ("ga", "npo")}
+    assert len(trials) == 3
+    assert result.ranking is not None
+
+
+README_SCRIPT = re.compile(r"```python\n(# my_sweep\.py\n.*?)```", re.S)
+
+
+@pytest.mark.integration
+def test_readme_tuning_script_registers_and_sweeps_a_new_method(ray_local, tiny_cache, tmp_path):
+    """The README's script, as written, run against the tiny spec on this test's Ray cluster."""
+    script = README_SCRIPT.search((ROOT / "README.md").read_text()).group(1)
+    (tmp_path / "my_sweep.py").write_text(script)
+    spec = tiny_spec(tiny_cache, scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
+                     training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0})
+    spec["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+               PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    done = subprocess.run([sys.executable, "my_sweep.py", str(tmp_path / "tiny.yaml")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from orchestrator.results import read_evals
+
+    methods = {r["method"]: r for r in read_evals(tmp_path / "run").to_pylist()}
+    assert "scaled_ga" in methods and methods["scaled_ga"]["status"] == "ok"
