@@ -106,22 +106,27 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reached the driver twice with it on
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5",
     "RAY_DEDUP_LOGS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's CLIReporter with our columns (method, epoch, FQ, MU, utility loss)
 }
 
 
-def init_ray(spec: JobSpec, address: str | None) -> None:
+def init_ray(spec: JobSpec, address: str | None, run_dir: Path | None = None) -> None:
     import ray
+    from ray.job_config import JobConfig
+
+    from orchestrator.telemetry import job_metadata
 
     if ray.is_initialized():
         return
     address = address or spec.ray.address
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    job_config = JobConfig(metadata=job_metadata(spec.name, run_dir))  # the dashboard's Jobs page and `ray list jobs`
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, job_config=job_config)
         return
     ray.init(num_cpus=spec.ray.num_cpus, dashboard_host=spec.ray.dashboard_host, include_dashboard=None,
-             log_to_driver=True)
+             log_to_driver=True, job_config=job_config, _metrics_export_port=spec.ray.metrics_export_port)
 
 
 def cluster_capacity() -> tuple[float, float]:
@@ -178,7 +183,7 @@ def run(spec: JobSpec | str | os.PathLike, run_dir: str | os.PathLike | None = N
         raise SpecError(f"--run-dir {run_dir}: already holds a run; use `unlearn resume {run_dir}`")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    init_ray(spec, address)
+    init_ray(spec, address, run_dir)
     from orchestrator.sweep import gang_fits
 
     cpus, gpus = cluster_capacity()
@@ -205,7 +210,7 @@ def resume(run_dir: str | os.PathLike, address: str | None = None, log: Callable
         raise SpecError(f"{run_dir}: not a run directory (no run.json); start it with `unlearn run`")
     spec = parse_spec(read_yaml(run_dir / "spec.yaml"), str(run_dir / "spec.yaml"))
     state = json.loads((run_dir / "run.json").read_text())
-    init_ray(spec, address)
+    init_ray(spec, address, run_dir)
     log(f"resuming run {state['run_id']}: {run_dir}")
     return _sweep_and_compare(spec, run_dir, state, log, restore=True)
 
