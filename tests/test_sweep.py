@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import SweepError, gang_fits, grid_configs, optuna_space, split_trial_config, trial_space
-from tests.conftest import ROOT, tiny_spec
+from tests.conftest import tiny_spec
 
 
 def _spec(methods, **sweep):
@@ -117,67 +112,3 @@ def test_resume_of_a_finished_run_reruns_nothing(grid_run):
     result = resume(grid_run.run_dir, log=lambda line: None)
     assert {p: p.stat().st_mtime_ns for p in (grid_run.run_dir / "evals").glob("*.parquet")} == files
     assert result.evals.num_rows == grid_run.evals.num_rows
-
-
-@pytest.mark.integration
-def test_asha_stops_bad_trials_early(ray_local, tiny_cache, tmp_path):
-    """Learning rates too small to unlearn score like the target; ASHA stops them at the first rung."""
-    from orchestrator.api import run
-
-    spec = parse_spec(tiny_spec(
-        tiny_cache,
-        training={"epochs": 4, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
-        scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 2},
-        sweep={"methods": [{"name": "ga", "space": {"lr": {"grid": [1e-3, 1e-9, 5e-4, 1e-9]}}}],
-               "scheduler": "asha", "grace_period": 1, "reduction_factor": 2, "max_concurrent": 1},
-    ))
-    result = run(spec, run_dir=tmp_path / "run", log=lambda line: None)
-    rows = [r for r in result.evals.to_pylist() if r["method"] == "ga"]
-    epochs = {}
-    for r in rows:
-        epochs[r["trial_id"]] = max(epochs.get(r["trial_id"], 0), r["epoch"])
-    assert len(epochs) == 4
-    assert min(epochs.values()) < 4 and max(epochs.values()) == 4  # some stopped early, the best ran out
-    stopped = {r["trial_id"] for r in rows if r["status"] == "stopped"}
-    assert stopped and all(epochs[t] < 4 for t in stopped)
-
-
-@pytest.mark.integration
-def test_optuna_multi_objective_sweep_runs(ray_local, tiny_cache, tmp_path):
-    from orchestrator.api import run
-
-    spec = parse_spec(tiny_spec(
-        tiny_cache,
-        training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
-        scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
-        sweep={"methods": [{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}},
-                           {"name": "npo", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}}],
-               "search": "optuna", "multi_objective": True, "num_samples": 3, "max_concurrent": 2},
-    ))
-    result = run(spec, run_dir=tmp_path / "run", log=lambda line: None)
-    trials = {r["trial_id"] for r in result.evals.to_pylist() if r["method"] in ("ga", "npo")}
-    assert len(trials) == 3
-    assert result.ranking is not None
-
-
-README_SCRIPT = re.compile(r"```python\n(# my_sweep\.py\n.*?)```", re.S)
-
-
-@pytest.mark.integration
-def test_readme_tuning_script_registers_and_sweeps_a_new_method(ray_local, tiny_cache, tmp_path):
-    """The README's script, as written, run against the tiny spec on this test's Ray cluster."""
-    script = README_SCRIPT.search((ROOT / "README.md").read_text()).group(1)
-    (tmp_path / "my_sweep.py").write_text(script)
-    spec = tiny_spec(tiny_cache, scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
-                     training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0})
-    spec["run_dir"] = str(tmp_path / "run")
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
-               PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
-    done = subprocess.run([sys.executable, "my_sweep.py", str(tmp_path / "tiny.yaml")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    from orchestrator.results import read_evals
-
-    methods = {r["method"]: r for r in read_evals(tmp_path / "run").to_pylist()}
-    assert "scaled_ga" in methods and methods["scaled_ga"]["status"] == "ok"
