@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +205,26 @@ class RaySpec(_Strict):
     address: str | None = None  # None: start a local cluster (or join RAY_ADDRESS)
     num_cpus: int | None = Field(None, ge=1)  # local cluster size
     dashboard_host: str = "127.0.0.1"  # never exposed beyond loopback unless asked
+    metrics_export_port: int | None = Field(None, ge=1024, le=65535)  # local cluster's Prometheus port (None: Ray picks)
+
+
+class TrackingSpec(_Strict):
+    """Optional experiment tracking, as Tune callbacks (the [tracking] extra)."""
+
+    tensorboard: bool = False  # TensorBoard event files per trial under <run_dir>/tune
+    mlflow: bool = False  # one MLflow run per trial
+    mlflow_tracking_uri: str | None = None  # default: sqlite:///<run_dir>/mlflow.db
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrackingSpec":
+        import importlib.util
+
+        if self.mlflow_tracking_uri and not self.mlflow:
+            raise ValueError("mlflow_tracking_uri: needs tracking.mlflow: true")
+        for field, package in (("mlflow", "mlflow"), ("tensorboard", "tensorboardX")):
+            if getattr(self, field) and importlib.util.find_spec(package) is None:
+                raise ValueError(f"{field}: needs the {package} package: pip install -e '.[tracking]'")
+        return self
 
 
 class JobSpec(_Strict):
@@ -218,6 +239,7 @@ class JobSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     sweep: SweepSpec
     ray: RaySpec = RaySpec()
+    tracking: TrackingSpec = TrackingSpec()
     utility_ceiling: float = Field(0.10, gt=0)  # comparison: best epoch per trial under this utility loss
 
     @model_validator(mode="after")
@@ -243,6 +265,11 @@ def _format_error(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
+    # Model-level validators name the sub-field they reject as "sub.field: message".
+    sub = re.match(r"^([A-Za-z_][\w.\[\]]*): (.+)$", message)
+    if sub:
+        location = f"{location}.{sub.group(1)}" if location else sub.group(1)
+        message = sub.group(2)
     return f"field '{location}': {message}" if location else message
 
 

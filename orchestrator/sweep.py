@@ -147,8 +147,11 @@ def build_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any], max_c
         mode=None if sweep.multi_objective else mode_arg,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
     )
+    from orchestrator.tracking import tune_callbacks
+
+    callbacks = tune_callbacks(spec.tracking, run_dir, base_config["run_id"], spec.name)
     run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), progress_reporter=progress_reporter(spec),
-                                verbose=1)
+                                verbose=1, callbacks=callbacks)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 

@@ -188,6 +188,16 @@ def update(engine, method: UnlearningMethod, objectives: dict[str, torch.Tensor]
     return total.detach(), weights
 
 
+def produces_finite_logits(engine, batches: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """One no-grad forward of the updated model on the epoch's last batch. Each loss is computed before
+    its update, so the epoch's last update is unchecked: lr 1e6 leaves weights finite but so large that
+    the next forward overflows, and evaluation cannot score such a model. Every rank runs it (ZeRO-3's
+    forward gathers parameters collectively)."""
+    with torch.no_grad():
+        logits = forward(engine, next(iter(batches.values())), None).logits
+    return bool(torch.isfinite(logits).all())
+
+
 def run_epoch(engine, reference, method, loader, parameters, device) -> EpochStats:
     stats = EpochStats()
     start = time.perf_counter()
@@ -210,6 +220,8 @@ def run_epoch(engine, reference, method, loader, parameters, device) -> EpochSta
             weight_sums[name] = weight_sums.get(name, 0.0) + value
         stats.steps += 1
         stats.tokens += int(sum(int(b["attention_mask"].sum()) for b in batches.values()))
+    if stats.steps and not stats.diverged and not produces_finite_logits(engine, batches):
+        stats.diverged = True
     stats.seconds = time.perf_counter() - start
     steps = max(1, stats.steps)
     stats.losses = {name: value / steps for name, value in sums.items()}
@@ -417,8 +429,8 @@ def _emit(config, ctx, row, stats: EpochStats, samples, engine, history=None) ->
     metrics = dict(row)
     for name, value in stats.losses.items():
         metrics[f"loss.{name}"] = value
-    for name, value in stats.weights.items():
-        metrics[f"extra.{name}"] = value
+    for name, value in stats.weights.items():  # MGDA: λ per objective ("weight.*": after normalisation)
+        metrics[f"extra.{name}" if name.startswith("weight.") else f"extra.lambda.{name}"] = value
     if config["mode"] == "unlearn":
         value = score(metrics, config["utility_weight"]) if metrics["status"] != "diverged" else DIVERGED_SCORE
         metrics["score"] = DIVERGED_SCORE if value is None else value
@@ -433,6 +445,9 @@ def _emit(config, ctx, row, stats: EpochStats, samples, engine, history=None) ->
                           config["trial_id"], row["epoch"])
     if ctx.rank == 0:
         print(progress_line(config, row, stats), flush=True)
+        if config["mode"] == "unlearn":  # live metrics for Grafana / the Ray dashboard; a no-op outside Ray
+            from orchestrator.telemetry import TrialTelemetry
+            TrialTelemetry(config["run_id"], config["trial_id"], config["method"]).epoch(stats, row)
     if config["mode"] == "finetune" and row["status"] != "ok":
         return  # fine-tuning reports once, at the end; progress goes to the log
     checkpoint_dir = None
