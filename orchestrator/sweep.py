@@ -65,13 +65,17 @@ def trial_space(spec: JobSpec) -> dict[str, Any]:
     return {"trial": tune.grid_search(configs)}
 
 
-def optuna_space(spec: JobSpec):
-    """Define-by-run space for Optuna: the method is a categorical choice, its params conditional on it."""
-    entries = {entry.name: entry for entry in spec.sweep.methods}
+class OptunaSpace:
+    """Define-by-run space for Optuna: the method is a categorical choice, its params conditional on it.
 
-    def define(trial) -> dict[str, Any]:
-        name = trial.suggest_categorical("method", sorted(entries))
-        entry = entries[name]
+    A class, not a closure: Tune pickles the search algorithm when it checkpoints the experiment."""
+
+    def __init__(self, entries: list[MethodEntry]) -> None:
+        self.entries = {entry.name: entry for entry in entries}
+
+    def __call__(self, trial) -> dict[str, Any]:
+        name = trial.suggest_categorical("method", sorted(self.entries))
+        entry = self.entries[name]
         for key, dist in method_space(entry).items():
             (kind, values), = dist.items()
             label = f"{name}.{key}"
@@ -83,7 +87,9 @@ def optuna_space(spec: JobSpec):
                 trial.suggest_float(label, values[0], values[1], log=kind == "loguniform")
         return {f"{name}.{key}": value for key, value in entry.params.items()}
 
-    return define
+
+def optuna_space(spec: JobSpec) -> OptunaSpace:
+    return OptunaSpace(list(spec.sweep.methods))
 
 
 def split_trial_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
