@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -65,7 +64,7 @@ class BenchSize:
 
 
 # Wall time is dominated by process and Ray gang start-ups (~30 s a trial on 2 cores), not by epochs.
-FULL = BenchSize(prepare_epochs=10, throughput_epochs=5, unlearn_epochs=3, eval_repeats=3, per_sample_repeats=2,
+FULL = BenchSize(prepare_epochs=10, throughput_epochs=8, unlearn_epochs=3, eval_repeats=3, per_sample_repeats=2,
                  lr_grid=(1e-5, 1e-4, 1e-3, 1e-2), optuna=True, sweep_timeout=420, memory_model=(384, 6),
                  matmul_size=2048)
 QUICK = BenchSize(prepare_epochs=2, throughput_epochs=3, unlearn_epochs=2, eval_repeats=1, per_sample_repeats=1,
@@ -199,16 +198,17 @@ class EpochCost:
     tokens: int
     train_seconds: float  # this epoch's steps only
     eval_seconds: float
+    steps: int = 0  # optimizer steps this epoch
 
 
 def epoch_costs(reports: Sequence[dict[str, Any]]) -> list[EpochCost]:
     """Per-epoch costs from the worker's reports (``train_seconds`` there is cumulative)."""
-    costs, previous = [], 0.0
+    costs, previous, previous_step = [], 0.0, 0
     for report in sorted(reports, key=lambda r: r["epoch"]):
-        cumulative = float(report["train_seconds"])
+        cumulative, step = float(report["train_seconds"]), int(report.get("step") or 0)
         costs.append(EpochCost(int(report["epoch"]), int(report.get("epoch_tokens") or 0),
-                               cumulative - previous, float(report.get("eval_seconds") or 0.0)))
-        previous = cumulative
+                               cumulative - previous, float(report.get("eval_seconds") or 0.0), step - previous_step))
+        previous, previous_step = cumulative, step
     return costs
 
 
@@ -566,12 +566,18 @@ def measure_uld_vs_npo(bench: Bench) -> list[BenchRow]:
     def per_epoch(name: str, with_eval: bool) -> float:
         return statistics.median(c.train_seconds + (c.eval_seconds if with_eval else 0.0) for c in costs[name])
 
+    def per_step(name: str) -> float:
+        return statistics.median(c.train_seconds / c.steps for c in costs[name] if c.steps)
+
     where = f"{bench.spec.benchmark.forget_split}, 1 worker, median of epochs 2–{epochs}" if epochs > 1 else "1 worker"
     return [
         measured("P2 ULD vs NPO", f"train s/epoch, ULD ({where}; paper: ratio ≤ 1/3)", per_epoch("uld", False),
                  "s", "NPO+GD", per_epoch("npo", False)),
         measured("P2 ULD vs NPO", f"train + evaluation s/epoch, ULD ({where})", per_epoch("uld", True),
                  "s", "NPO+GD", per_epoch("npo", True)),
+        # ULD's epoch walks its augmented forget set (3 pairs per forget pair): per step tells the two apart.
+        measured("P2 ULD vs NPO", f"train s/optimizer step, ULD ({costs['uld'][0].steps} steps/epoch vs "
+                 f"{costs['npo'][0].steps})", per_step("uld"), "s", "NPO+GD", per_step("npo")),
     ]
 
 
@@ -725,11 +731,13 @@ NOTES = [
     "torch matmul at the same thread count, timed in the same run.",
     "P4: median wall time of the whole suite (teacher-forced metrics, generation, MIAs) per path; Δ = max "
     "absolute difference of the aggregate metrics.",
-    "P5: real Ray Tune sweeps (one-worker trials, cached prepare); worker-seconds = Σ over trials of (last "
+    "P5: real Ray Tune sweeps through `orchestrator.api.run` (one-worker trials, two at a time, cached prepare; "
+    "ASHA: grace 1 epoch, reduction factor 2, on the same grid); worker-seconds = Σ over trials of (last "
     "cumulative train_seconds + Σ eval_seconds) × num_workers from the evals table; score = log10(FQ) − "
     "10·max(0, utility loss); Optuna (TPE) samples half as many trials as the grid has.",
-    "P6: peak RSS = max(psutil RSS sampled every 5 ms, getrusage ru_maxrss) per worker process, max over the "
-    "two workers; growth = peak − RSS when the loop was entered (after imports and process-group start).",
+    "P6: 2 gloo processes fine-tune the wider model for one epoch through `run_worker` (finetune mode, the "
+    "stage set in its config); peak RSS = max(psutil RSS sampled every 5 ms, getrusage ru_maxrss) per worker "
+    "process, max over the two workers; growth = peak − RSS after torch, DeepSpeed and transformers are imported.",
 ]
 
 
@@ -794,7 +802,8 @@ def run_bench(size: BenchSize, log: Callable[[str], None]) -> list[BenchRow]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a ~3 min smoke run (fewer epochs, smaller models)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: fewer epochs, a smaller P6 model, 2-point sweeps, no Optuna (~6 min on 2 cores)")
     parser.add_argument("--out", default=str(PROJECT_ROOT), help="where bench.parquet and bench.md go")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -280,19 +280,21 @@ def _decode_generation(tokenizer, tokens: list[int], eos: int, stopwords: tuple[
     return text.strip()
 
 
-def _generate_batch(ctx: _Context, split: _GenerationSplit, indices: list[int]) -> list[float | None]:
-    prepared = [split.prepare(i) for i in indices]
-    live = [p for p in prepared if p is not None]
-    # A batch whose examples are all skipped still runs one (dropped) prompt: forwards stay collective.
-    prompts = [p[0] for p in live] or [[ctx.tokenizer.eos_token_id]]
+def _generate_batch(ctx: _Context, items: list[tuple[_GenerationSplit, int]], max_new_tokens: int) -> list[float | None]:
+    """Greedy generations of (split, example index) items, possibly from several splits, in one call."""
+    prepared = [split.prepare(i) for split, i in items]
+    live = [(split, p) for (split, _), p in zip(items, prepared) if p is not None]
+    # A batch whose examples are all skipped (or a filler batch) still runs one dropped prompt: forwards
+    # stay collective.
+    prompts = [p[0] for _, p in live] or [[ctx.tokenizer.eos_token_id]]
     batch = collate_prompts(prompts, ctx.pad)
     tokens = ctx.scorer.generate(
-        batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device), split.max_new_tokens,
+        batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device), max_new_tokens,
         eos_token_id=ctx.tokenizer.eos_token_id, pad_token_id=ctx.pad, synced=ctx.synced,
     ).tolist()
-    scores = iter(split.similarity(_decode_generation(ctx.tokenizer, row, ctx.tokenizer.eos_token_id, split.stopwords),
-                                   reference)
-                  for row, (_, reference) in zip(tokens, live))
+    eos = ctx.tokenizer.eos_token_id
+    scores = iter(split.similarity(_decode_generation(ctx.tokenizer, row, eos, split.stopwords), reference)
+                  for row, (split, (_, reference)) in zip(tokens, live))
     return [None if p is None else next(scores) for p in prepared]
 
 
@@ -348,6 +350,29 @@ def shard_batches(n: int, rank: int, world_size: int, batch_size: int) -> list[t
     for b in range(-(-longest // batch_size)):
         real = own[b * batch_size:(b + 1) * batch_size]
         batches.append((real, len(real)) if real else ([own[-1] if own else 0], 0))
+    return batches
+
+
+def pack_generation_batches(splits: list[tuple[int, int]], rank: int, world_size: int,
+                            batch_size: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """This rank's generation batches, filled across splits: ``splits`` holds (max_new_tokens, size) per
+    split; returns (max_new_tokens, [(split position, example index), …]) per batch.
+
+    Splits that decode the same number of tokens share batches, so a small split (8 forget prompts)
+    does not pay a whole decoding loop alone: every step of greedy decoding costs about the same for 8
+    or 32 rows on small models. Examples are strided over ranks as in ``shard_batches``; every rank gets
+    the same number of batches per token budget (rank 0's), padded with empty filler batches.
+    """
+    if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"bad sharding: rank {rank}, world size {world_size}, batch size {batch_size}")
+    budgets = list(dict.fromkeys(tokens for tokens, _ in splits))  # first-appearance order
+    batches = []
+    for budget in budgets:
+        members = [(position, size) for position, (tokens, size) in enumerate(splits) if tokens == budget]
+        own = [(position, index) for position, size in members for index in range(rank, size, world_size)]
+        longest = sum(-(-size // world_size) for _, size in members)  # rank 0 owns the most of every split
+        for b in range(-(-longest // batch_size)):
+            batches.append((budget, own[b * batch_size:(b + 1) * batch_size]))
     return batches
 
 
@@ -436,11 +461,12 @@ def _run(ctx, data, forget_split, retain_split, holdout_split, retain_reference,
         for indices, real in shard_batches(len(split.rows), rank, world_size, ctx.config.batch_size):
             for index, sequences in zip(indices[:real], _score_batch(ctx, split, indices)[:real]):
                 samples += _rows(split.name, index, _example_values(ctx, split, sequences))
-    for split in generation_splits:
-        for indices, real in shard_batches(split.size, rank, world_size, ctx.config.batch_size):
-            for index, value in zip(indices[:real], _generate_batch(ctx, split, indices)[:real]):
-                if value is not None:
-                    samples += _rows(split.name, index, {split.metric: value})
+    budgets = [(split.max_new_tokens, split.size) for split in generation_splits]
+    for max_new_tokens, members in pack_generation_batches(budgets, rank, world_size, ctx.config.batch_size):
+        items = [(generation_splits[position], index) for position, index in members]
+        for (split, index), value in zip(items, _generate_batch(ctx, items, max_new_tokens)):
+            if value is not None:
+                samples += _rows(split.name, index, {split.metric: value})
     samples = _gather(samples, world_size)
     if rank != 0:
         return EvalResult({}, [], None)
