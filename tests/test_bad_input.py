@@ -1,8 +1,9 @@
 """Bad input never reaches Ray, and the security defaults hold.
 
 The corpus under tests/fixtures/bad/ (specs/*.yaml; data/<case>/ directories in TOFU's schema, each with a
-spec data_<case>.yaml pointing at it) is run through the real CLI in a subprocess: exit status 2, one line
-on stderr naming the field (file:line for data rows), no run directory, no Ray session.
+spec data_<case>.yaml pointing at it) is run through the CLI's entry point (a few cases also as a real
+process): exit status 2, one line on stderr naming the field (file:line for data rows), no run directory,
+no Ray started.
 """
 from __future__ import annotations
 
@@ -129,8 +130,41 @@ def corpus(tmp_path_factory) -> Path:
     return copy
 
 
+def assert_one_line_error(stderr: str, expected: list[str]) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("unlearn: error: ")
+    for part in expected:
+        assert part in lines[0]
+
+
 @pytest.mark.parametrize("case, spec, extra, expected", CASES, ids=[case[0] for case in CASES])
-def test_cli_refuses_bad_input_before_ray(case, spec, extra, expected, corpus, tmp_path):
+def test_cli_refuses_bad_input_before_ray(case, spec, extra, expected, corpus, tmp_path, monkeypatch, capsys):
+    """Every case through the CLI's entry point in this process; starting Ray at all fails the test."""
+    from orchestrator import api, cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("bad input reached Ray")
+
+    monkeypatch.setattr(api, "init_ray", no_ray)
+    monkeypatch.chdir(corpus)
+    run_dir = tmp_path / "run"
+    status = cli.main(["run", spec, "--run-dir", str(run_dir), *extra])
+    captured = capsys.readouterr()
+    assert status == 2, captured.out + captured.err
+    assert_one_line_error(captured.err, expected)
+    assert not run_dir.exists()
+    assert not (corpus / "pwned-by-yaml").exists()
+
+
+# A few cases again as a user meets them: the real CLI in a fresh process, Ray's temp dir watched.
+SUBPROCESS_CASES = ["python_tag", "set_python_tag", "too_many_workers", "model_path_missing",
+                    "data_row_missing_field", "data_non_utf8"]
+
+
+@pytest.mark.parametrize("case, spec, extra, expected", [c for c in CASES if c[0] in SUBPROCESS_CASES],
+                         ids=SUBPROCESS_CASES)
+def test_cli_process_exits_2_and_starts_no_ray(case, spec, extra, expected, corpus, tmp_path):
     run_dir = tmp_path / "run"
     ray_tmp = tmp_path / "raytmp"  # where a Ray session would appear (RAY_TMPDIR), instead of /tmp/ray
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -139,11 +173,7 @@ def test_cli_refuses_bad_input_before_ray(case, spec, extra, expected, corpus, t
                           cwd=corpus, env=env, capture_output=True, text=True, timeout=300)
 
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("unlearn: error: ")
-    for part in expected:
-        assert part in lines[0]
+    assert_one_line_error(proc.stderr, expected)
     assert not run_dir.exists()
     assert not (ray_tmp / "ray").exists() and not list(ray_tmp.glob("**/session_*"))
     assert "Ray instance" not in proc.stdout + proc.stderr
