@@ -171,21 +171,20 @@ def to_device(batches: dict[str, dict[str, torch.Tensor]], device: torch.device)
 
 # ---------------------------------------------------------------- one step, one epoch
 def update(engine, method: UnlearningMethod, objectives: dict[str, torch.Tensor],
-           parameters: list[torch.nn.Parameter]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Turn objectives into one optimizer step: a sum, or the min-norm common descent direction."""
+           parameters: list[torch.nn.Parameter]) -> dict[str, float]:
+    """Turn objectives into one optimizer step: a sum, or the min-norm common descent direction (whose
+    per-objective weights are returned)."""
+    weights: dict[str, float] = {}
     if method.combine == "mgda":
         from orchestrator.multiobjective import common_descent_backward
 
         weights = common_descent_backward(
             objectives, parameters, engine.backward, normalize=getattr(method.params, "normalize_gradients", False)
         )
-        total = sum(objectives.values())
     else:
-        total = sum(objectives.values())
-        engine.backward(total)
-        weights = {}
+        engine.backward(sum(objectives.values()))
     engine.step()
-    return total.detach(), weights
+    return weights
 
 
 def produces_finite_logits(engine, batches: dict[str, dict[str, torch.Tensor]]) -> bool:
@@ -198,6 +197,17 @@ def produces_finite_logits(engine, batches: dict[str, dict[str, torch.Tensor]]) 
     return bool(torch.isfinite(logits).all())
 
 
+def all_ranks_finite(values, device: torch.device) -> bool:
+    """Whether every value is finite on every rank. Agreed before each update: a rank that stopped alone
+    would leave the others blocked in the gradient all-reduce (one scalar all-reduce per step)."""
+    finite = all(bool(torch.isfinite(value).all()) for value in values)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        torch.distributed.all_reduce(flag)
+        finite = float(flag) == 0.0
+    return finite
+
+
 def run_epoch(engine, reference, method, loader, parameters, device) -> EpochStats:
     stats = EpochStats()
     start = time.perf_counter()
@@ -207,13 +217,10 @@ def run_epoch(engine, reference, method, loader, parameters, device) -> EpochSta
     for batches in loader:
         batches = to_device(batches, device)
         objectives = method.objectives(method_inputs(engine, reference, method, batches))
-        if not all(torch.isfinite(value).all() for value in objectives.values()):
+        if not all_ranks_finite(objectives.values(), device):
             stats.diverged = True
             break
-        total, weights = update(engine, method, objectives, parameters)
-        if not torch.isfinite(total):
-            stats.diverged = True
-            break
+        weights = update(engine, method, objectives, parameters)
         for name, value in objectives.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         for name, value in weights.items():
@@ -398,8 +405,8 @@ def _write_reference_evaluation(config, ctx, engine, method, tokenizer, data) ->
         return
     metrics = dict(result.metrics, eval_seconds=seconds)
     if not config["references"].get("retain_stats"):
-        own = result.reference.forget_truth_ratios
-        metrics.update(forget_quality=forget_quality(own, own), privleak=0.0)
+        own = result.reference.forget_truth_ratios  # empty on MUSE text: no truth ratio, no forget quality
+        metrics.update(forget_quality=forget_quality(own, own) if own else None, privleak=0.0)
     out = Path(config["eval_out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -414,12 +421,23 @@ def eval_config(config: dict[str, Any]):
     return EvalConfig(template=config["model"]["prompt_template"], max_length=config["training"]["max_length"], **options)
 
 
-def score(metrics: dict[str, Any], utility_weight: float) -> float | None:
-    """The scalar a single-objective search optimises: log10 FQ minus a utility-loss penalty."""
+def score(metrics: dict[str, Any], utility_weight: float, kind: str = "tofu") -> float | None:
+    """The scalar a single-objective search optimises: log10 FQ minus a utility-loss penalty. MUSE has no
+    forget quality: its forget term is −VerbMem (ROUGE-L F1 in [0, 1], lower is better)."""
     fq, loss = metrics.get("forget_quality"), metrics.get("utility_loss")
+    if kind == "muse":
+        verbmem = metrics.get("verbmem_forget")
+        if verbmem is None or loss is None or not math.isfinite(verbmem) or not math.isfinite(loss):
+            return None
+        return -verbmem - utility_weight * max(0.0, loss)
     if fq is None or loss is None or not math.isfinite(fq) or not math.isfinite(loss):
         return None
     return math.log10(max(fq, 1e-300)) - utility_weight * max(0.0, loss)
+
+
+def benchmark_kind(config: dict[str, Any]) -> str:
+    """"tofu" or "muse", from the benchmark's load arguments (prepare.benchmark_config)."""
+    return config["benchmark"].get("generator", {}).get("kind", "tofu")
 
 
 def _emit(config, ctx, row, stats: EpochStats, samples, engine, history=None) -> None:
@@ -432,7 +450,8 @@ def _emit(config, ctx, row, stats: EpochStats, samples, engine, history=None) ->
     for name, value in stats.weights.items():  # MGDA: λ per objective ("weight.*": after normalisation)
         metrics[f"extra.{name}" if name.startswith("weight.") else f"extra.lambda.{name}"] = value
     if config["mode"] == "unlearn":
-        value = score(metrics, config["utility_weight"]) if metrics["status"] != "diverged" else DIVERGED_SCORE
+        value = (score(metrics, config["utility_weight"], benchmark_kind(config))
+                 if metrics["status"] != "diverged" else DIVERGED_SCORE)
         metrics["score"] = DIVERGED_SCORE if value is None else value
         if metrics.get("forget_quality") is not None:
             metrics["log10_forget_quality"] = math.log10(max(metrics["forget_quality"], 1e-300))
@@ -467,6 +486,8 @@ def progress_line(config: dict[str, Any], row: dict[str, Any], stats: EpochStats
     line = f"[{who}] epoch {row['epoch']}/{config['training']['epochs']} {row['status']} {losses} ({speed:,.0f} tok/s)"
     if row.get("forget_quality") is not None:
         line += f" FQ {row['forget_quality']:.3g} MU {row.get('model_utility') or 0:.3f}"
+    elif row.get("verbmem_forget") is not None:  # MUSE
+        line += f" VerbMem {row['verbmem_forget']:.3f} KnowMem retain {row.get('knowmem_retain') or 0:.3f}"
     return line
 
 
