@@ -17,7 +17,7 @@ direction (MGDA, dual form; ``combine = "mgda"``, orchestrator/multiobjective.py
 minimising ‖Σ λ_i g_i‖², one step along −Σ λ_i g_i, which increases no objective to first order.
 At the start θ = θ_ref, so the KL's gradient is rounding noise; that module leaves such an objective out
 until its gradient is real (pure MGDA would put all weight on it and never move). ``normalize_gradients``
-rescales the gradients to equal norm before solving (the author's FedOSD code rescales its directions).
+(default on) rescales the gradients to equal norm before solving, as the author's FedOSD code does.
 """
 from __future__ import annotations
 
@@ -45,7 +45,10 @@ class MOLLMParams:
     forget: bool = True  # unlearning cross-entropy on the forget answers
     kl: bool = True  # KL(p_ref ‖ p_θ) on retain inputs (needs the frozen reference)
     retain: bool = True  # NLL on the retain answers
-    normalize_gradients: bool = False  # rescale the objectives' gradients to equal norm before MGDA
+    # Rescale the objectives' gradients to equal norm before MGDA (the author's FedOSD code does). Default on:
+    # without it the bounded forget gradient is the smallest, gets λ ≈ 1, and Adam turns that into full-size
+    # steps against utility (embedded forget10, lr 5e-4, 10 epochs: utility loss 0.57 off vs 0.04 on).
+    normalize_gradients: bool = True
 
     def __post_init__(self) -> None:
         if not self.divisor > 1.0:

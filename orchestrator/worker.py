@@ -302,7 +302,10 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
 
     epochs = int(train_cfg["epochs"])
     steps_per_epoch = math.ceil(len(loader) / train_cfg["grad_accum"])
-    optimizer = torch.optim.AdamW(parameters, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    # Fused AdamW: one CUDA kernel for all parameters; with offload the optimizer step runs on the CPU.
+    fused = ctx.device.type == "cuda" and not scale_cfg["offload"]
+    optimizer = torch.optim.AdamW(parameters, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
+                                  fused=fused or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(
         steps_per_epoch * epochs, int(steps_per_epoch * train_cfg["warmup_epochs"])))
     ds_config = deepspeed_config(stage, train_cfg["batch_size"], train_cfg["grad_accum"], ctx.world_size,
