@@ -45,7 +45,7 @@ class RunResult:
 # ---------------------------------------------------------------- checks before Ray
 def preflight(spec: JobSpec) -> None:
     """Input checks that need no cluster: model references and the benchmark's splits and rows."""
-    from orchestrator.data import check_splits, load_benchmark
+    from orchestrator.data import check_muse_splits, check_splits, load_benchmark
     from orchestrator.models import check_reference
     from orchestrator.prepare import benchmark_config
     from orchestrator.sweep import grid_configs
@@ -57,7 +57,7 @@ def preflight(spec: JobSpec) -> None:
     bench = benchmark_config(spec)
     data = load_benchmark(bench["source"], **bench["generator"])
     b = spec.benchmark
-    check_splits(data, b.forget_split, b.retain_split, b.holdout_split)
+    (check_muse_splits if b.kind == "muse" else check_splits)(data, b.forget_split, b.retain_split, b.holdout_split)
     if spec.sweep.search == "grid":
         for i, entry in enumerate(spec.sweep.methods):
             grid_configs(entry, f"sweep.methods[{i}]")

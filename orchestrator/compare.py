@@ -7,6 +7,13 @@ cluster; ``compare_runs`` is the only function that touches files, and it reads 
 Forget quality (FQ) is a KS p-value spanning hundreds of orders of magnitude, so it is compared as
 ``log10(FQ)``; utility loss is ``1 − MU/MU_target``. Per trial the best epoch under a utility-loss
 ceiling represents the trial; trials are Pareto-ranked, then ordered within a front by FQ and cost.
+
+MUSE runs (``benchmark.kind: muse``; recognised as evals with no forget quality anywhere but VerbMem)
+have no truth ratios, so no FQ. Their forget axis is VerbMem on the forget text (lower is better: the
+ranking maximises ``−verbmem_forget``), model utility is KnowMem on retain questions
+(``model_utility = knowmem_retain``) and ``utility_loss = 1 − knowmem_retain / knowmem_retain(target)``,
+the target of the same run. Everything else — the ceiling, best epoch, fronts, cost tie-break — is the
+same, with VerbMem ↓ in place of FQ ↑. ``log10_fq`` stays NaN on MUSE rows.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import math
 import os
 import warnings as warnings_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -67,8 +74,44 @@ def log10_forget_quality(forget_quality: Any) -> float:
     return -math.inf if fq == 0 else math.log10(fq)
 
 
-def _is_measured(log10_fq: float, utility_loss: Any) -> bool:
-    return not math.isnan(log10_fq) and not math.isnan(_as_float(utility_loss))
+def _is_measured(forget: float, utility_loss: Any) -> bool:
+    return not math.isnan(forget) and not math.isnan(_as_float(utility_loss))
+
+
+def benchmark_kind(table: pa.Table) -> str:
+    """``"muse"`` when no row has a forget quality but some row has VerbMem, else ``"tofu"``.
+
+    The embedded TOFU benchmark also measures VerbMem (its text corpus), but always has FQ: its retain
+    model is trained by prepare, so the target row at least carries one.
+    """
+    if not {"verbmem_forget", "forget_quality"} <= set(table.column_names):
+        return "tofu"
+    measured = lambda column: any(not math.isnan(_as_float(v)) for v in table.column(column).to_pylist())  # noqa: E731
+    return "muse" if not measured("forget_quality") and measured("verbmem_forget") else "tofu"
+
+
+def forget_axis(kind: str) -> Callable[[dict[str, Any]], float]:
+    """The forget score a ranking maximises, per row: log10 FQ (TOFU) or −VerbMem (MUSE); NaN if missing."""
+    if kind == "muse":
+        return lambda row: -_as_float(row.get("verbmem_forget"))
+    return lambda row: log10_forget_quality(row["forget_quality"])
+
+
+def muse_utility(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MUSE rows with ``model_utility`` = KnowMem-retain and ``utility_loss`` = 1 − it / the same run's
+    target's, where the evaluation did not already fill them (copies; other values untouched)."""
+    target_knowmem = {row["run_id"]: row.get("knowmem_retain") for row in rows if row["method"] == "target"}
+    out = []
+    for row in rows:
+        row = dict(row)
+        knowmem = row.get("knowmem_retain")
+        if row.get("model_utility") is None:
+            row["model_utility"] = knowmem
+        reference = target_knowmem.get(row["run_id"])
+        if row.get("utility_loss") is None and knowmem is not None and reference:
+            row["utility_loss"] = 1.0 - knowmem / reference
+        out.append(row)
+    return out
 
 
 def _worker_seconds(rows: list[dict[str, Any]]) -> float:
@@ -100,22 +143,24 @@ def _rows_by_trial(evals: pa.Table) -> dict[tuple[str, str], list[dict[str, Any]
     return {key: [rows[e] for e in sorted(rows)] for key, rows in sorted(by_trial.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))}
 
 
-def _choose_row(rows: list[dict[str, Any]], utility_ceiling: float) -> tuple[dict[str, Any], bool]:
+def _choose_row(rows: list[dict[str, Any]], utility_ceiling: float, forget: Callable[[dict[str, Any]], float]
+                ) -> tuple[dict[str, Any], bool]:
     """The row that represents a trial, and whether it lies over the utility-loss ceiling."""
     # Epoch 0 is the untouched target (already shown as the reference point); picking it would rank
     # "no unlearning" as a trial's result, so it only counts when the trial has nothing else.
     candidates = [row for row in rows if row["epoch"] >= 1] or rows
-    measured = [row for row in candidates if _is_measured(log10_forget_quality(row["forget_quality"]), row["utility_loss"])]
+    measured = [row for row in candidates if _is_measured(forget(row), row["utility_loss"])]
     within = [row for row in measured if row["utility_loss"] <= utility_ceiling]
     if within:
-        return min(within, key=lambda r: (-log10_forget_quality(r["forget_quality"]), r["utility_loss"], r["epoch"])), False
+        return min(within, key=lambda r: (-forget(r), r["utility_loss"], r["epoch"])), False
     if measured:  # least-bad: the epoch that damaged utility least
-        return min(measured, key=lambda r: (r["utility_loss"], -log10_forget_quality(r["forget_quality"]), r["epoch"])), True
+        return min(measured, key=lambda r: (r["utility_loss"], -forget(r), r["epoch"])), True
     return rows[-1], False  # diverged / failed throughout: keep its last row, ranked last
 
 
-def _trial_summary(rows: list[dict[str, Any]], utility_ceiling: float, reference: bool) -> dict[str, Any]:
-    chosen, over_ceiling = (rows[-1], False) if reference else _choose_row(rows, utility_ceiling)
+def _trial_summary(rows: list[dict[str, Any]], utility_ceiling: float, reference: bool,
+                   forget: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+    chosen, over_ceiling = (rows[-1], False) if reference else _choose_row(rows, utility_ceiling, forget)
     summary = dict(chosen)
     summary.update(
         status=rows[-1]["status"],  # latest status: a trial that diverged after its best epoch says so
@@ -131,17 +176,21 @@ def _trial_summary(rows: list[dict[str, Any]], utility_ceiling: float, reference
 def best_epochs(evals: pa.Table, utility_ceiling: float = DEFAULT_UTILITY_CEILING) -> pa.Table:
     """One row per trial: its best evaluation with ``utility_loss ≤ utility_ceiling``.
 
-    Best = highest log10(FQ), ties → lower utility loss → earlier epoch. A trial with no measured
-    epoch under the ceiling keeps its lowest-utility-loss epoch with ``over_ceiling=True``; a trial
-    with no measured epoch at all keeps its last row. ``status`` is the trial's latest status.
+    Best = highest log10(FQ) (MUSE: lowest VerbMem), ties → lower utility loss → earlier epoch. A trial
+    with no measured epoch under the ceiling keeps its lowest-utility-loss epoch with ``over_ceiling=True``;
+    a trial with no measured epoch at all keeps its last row. ``status`` is the trial's latest status.
     Reference rows (method ``target`` / ``retain``) come after the trials with ``reference=True``.
     """
     if not math.isfinite(utility_ceiling):
         raise ValueError(f"utility_ceiling must be a finite number, got {utility_ceiling}")
+    kind = benchmark_kind(evals)
+    forget = forget_axis(kind)
+    if kind == "muse":
+        evals = pa.Table.from_pylist(muse_utility(evals.to_pylist()), schema=evals.schema)
     trials, references = [], []
     for rows in _rows_by_trial(evals).values():
         is_reference = rows[-1]["method"] in REFERENCE_METHODS
-        (references if is_reference else trials).append(_trial_summary(rows, utility_ceiling, is_reference))
+        (references if is_reference else trials).append(_trial_summary(rows, utility_ceiling, is_reference, forget))
     references.sort(key=lambda r: (str(r["run_id"]), REFERENCE_METHODS.index(r["method"])))  # target, then retain
     schema = evals.schema
     for added in SUMMARY_FIELDS:
@@ -180,39 +229,44 @@ def pareto_fronts(points: list[tuple[float, float]]) -> list[int]:
     return fronts
 
 
-def _ranking_group(row: dict[str, Any]) -> int:
+def _summary_forget(table: pa.Table) -> Callable[[dict[str, Any]], float]:
+    """The forget axis of summary rows (``best_epochs`` output): their ``log10_fq``, or −VerbMem on MUSE."""
+    return forget_axis("muse") if benchmark_kind(table) == "muse" else (lambda row: row["log10_fq"])
+
+
+def _ranking_group(row: dict[str, Any], forget: Callable[[dict[str, Any]], float]) -> int:
     """0 measured within the ceiling, 1 measured over it, 2 unmeasured (NaN): groups never interleave."""
-    if not _is_measured(row["log10_fq"], row["utility_loss"]):
+    if not _is_measured(forget(row), row["utility_loss"]):
         return 2
     return 1 if row["over_ceiling"] else 0
 
 
-def _pareto_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _pareto_order(rows: list[dict[str, Any]], forget: Callable[[dict[str, Any]], float]) -> list[dict[str, Any]]:
     """Set ``front`` and ``rank`` on copies of ``rows`` and return them in rank order.
 
     Fronts are computed within each group and numbered on after the previous group's, so front
-    order and rank order agree. Within a front: higher FQ, then fewer worker-seconds.
+    order and rank order agree. Within a front: higher FQ (MUSE: lower VerbMem), then fewer worker-seconds.
     """
     ordered: list[dict[str, Any]] = []
     offset = 0
     for group in (0, 1, 2):
-        members = [dict(row) for row in rows if _ranking_group(row) == group]
+        members = [dict(row) for row in rows if _ranking_group(row, forget) == group]
         if not members:
             continue
-        fronts = pareto_fronts([(row["log10_fq"], _as_float(row["utility_loss"])) for row in members])
+        fronts = pareto_fronts([(forget(row), _as_float(row["utility_loss"])) for row in members])
         for row, front in zip(members, fronts):
             row["front"] = offset + front
         offset = max(row["front"] for row in members) + 1
-        ordered += sorted(members, key=_within_front_key)
+        ordered += sorted(members, key=lambda row: _within_front_key(row, forget))
     for rank, row in enumerate(ordered, start=1):
         row["rank"] = rank
     return ordered
 
 
-def _within_front_key(row: dict[str, Any]) -> tuple:
-    log10_fq = row["log10_fq"]
-    fq_key = math.inf if math.isnan(log10_fq) else -log10_fq
-    return (row["front"], fq_key, row["worker_seconds"], str(row["run_id"]), str(row["trial_id"]))
+def _within_front_key(row: dict[str, Any], forget: Callable[[dict[str, Any]], float]) -> tuple:
+    score = forget(row)
+    forget_key = math.inf if math.isnan(score) else -score
+    return (row["front"], forget_key, row["worker_seconds"], str(row["run_id"]), str(row["trial_id"]))
 
 
 def _require_columns(table: pa.Table, names: tuple[str, ...], producer: str) -> None:
@@ -224,13 +278,14 @@ def _require_columns(table: pa.Table, names: tuple[str, ...], producer: str) -> 
 def rank_trials(best: pa.Table) -> pa.Table:
     """``best`` with ``rank`` (1..n) and ``front`` first, trials in rank order, then the reference rows.
 
-    Order: within-ceiling trials by Pareto front on (log10 FQ ↑, utility loss ↓), within a front higher
-    FQ then fewer worker-seconds; then over-ceiling trials ranked the same way; then trials without
-    measured metrics. Reference rows keep ``rank`` and ``front`` null.
+    Order: within-ceiling trials by Pareto front on (log10 FQ ↑, utility loss ↓) — MUSE: (VerbMem ↓,
+    utility loss ↓) — within a front higher FQ (lower VerbMem) then fewer worker-seconds; then
+    over-ceiling trials ranked the same way; then trials without measured metrics. Reference rows keep
+    ``rank`` and ``front`` null.
     """
     _require_columns(best, tuple(f.name for f in SUMMARY_FIELDS) + ("utility_loss",), "best_epochs")
     rows = best.to_pylist()
-    trials = _pareto_order([row for row in rows if not row["reference"]])
+    trials = _pareto_order([row for row in rows if not row["reference"]], _summary_forget(best))
     references = [row for row in rows if row["reference"]]
     schema = pa.schema(list(RANK_FIELDS) + [f for f in best.schema if f.name not in ("rank", "front")])
     return pa.Table.from_pylist(trials + references, schema=schema)
@@ -256,7 +311,7 @@ def rank_methods(ranked: pa.Table) -> pa.Table:
     references = [dict(row, trial_rank=None, trials=None) for row in rows if row["reference"]]
     extra = [pa.field("trials", pa.int64()), pa.field("trial_rank", pa.int64())]
     schema = pa.schema(list(RANK_FIELDS) + extra + [f for f in ranked.schema if f.name not in ("rank", "front")])
-    return pa.Table.from_pylist(_pareto_order(methods) + references, schema=schema)
+    return pa.Table.from_pylist(_pareto_order(methods, _summary_forget(ranked)) + references, schema=schema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +329,8 @@ def comparability_warnings(ranked: pa.Table, utility_ceiling: float) -> list[str
         values = sorted({row.get(column) for row in trials if row.get(column) is not None})
         if len(values) > 1:
             messages.append(f"compared trials differ in {column} ({', '.join(map(str, values))}): {consequence}")
-    if trials and not any(_ranking_group(row) == 0 for row in trials):
+    forget = _summary_forget(ranked)
+    if trials and not any(_ranking_group(row, forget) == 0 for row in trials):
         messages.append(f"no trial reached utility loss <= {utility_ceiling:g}; the ranking shows least-bad epochs")
     return messages
 

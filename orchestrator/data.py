@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from methods.base import SPLITS
-from orchestrator.encoding import EncodedExample, collate, encode_pair
+from orchestrator.encoding import EncodedExample, collate, encode_pair, encode_text
 
 
 class DataError(ValueError):
@@ -478,6 +478,20 @@ def check_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, ret
                         f"not fewer than the {total} rows of the whole data")
 
 
+def check_muse_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,
+                      holdout_split: str) -> None:
+    """The text splits a MUSE run trains and scores on exist and hold documents, and KnowMem is there."""
+    available = ", ".join(sorted(benchmark)) or "none"
+    for role, name in (("forget_split", forget_split), ("retain_split", retain_split), ("holdout_split", holdout_split)):
+        if name not in benchmark:
+            raise DataError(f"{role}: split '{name}' not in the data (available: {available})")
+        validate_text_split(benchmark[name], name)
+    for name in ("knowmem_forget", "knowmem_retain"):
+        if name not in benchmark:
+            raise DataError(f"split '{name}': missing, needed for KnowMem (available: {available})")
+        validate_split(benchmark[name], name, require_perturbed=False)
+
+
 # ---------------------------------------------------------------- loaders
 # Our split names → TOFU's hub configs (the *_perturbed configs carry paraphrases and wrong answers).
 TOFU_CONFIGS = {
@@ -501,11 +515,14 @@ def load_benchmark(source: str, seed: int = 0, num_authors: int = 100, questions
     """Rows by split from ``"embedded"`` (the generator), a local directory, or a hub dataset name.
 
     ``splits`` restricts what is read (hub default: DEFAULT_HUB_SPLITS); a missing one is a DataError.
-    ``kind="muse"`` reads a MUSE corpus instead (see ``load_muse``; the generator arguments are unused).
+    ``kind="muse"`` reads a MUSE corpus instead (see ``load_muse``); from ``"embedded"`` it is the
+    generator's text corpus, MUSE_SPLITS only.
     """
     if kind not in BENCHMARK_KINDS:
         raise ValueError(f"benchmark kind {kind!r}: expected one of {', '.join(BENCHMARK_KINDS)}")
     if kind == "muse":
+        if source == "embedded":  # the generator's text corpus: biographies + KnowMem questions
+            return _select(generate_benchmark(seed, num_authors, questions_per_author), splits or MUSE_SPLITS, source)
         return load_muse(source, splits)
     if source == "embedded":
         benchmark = generate_benchmark(seed, num_authors, questions_per_author)
@@ -795,6 +812,8 @@ class UnlearningDataset(Dataset):
     The first split defines the epoch and uses row i; every other split uses row (i + offset) % n with a
     fixed per-split offset, so retain batches cycle. ``template`` pairs forget question i with a template
     answer re-drawn at each load, from a generator seeded by (seed, i, how often i was loaded): runs repeat.
+    A document row (``text``, no ``question``: MUSE) becomes its ``encode_text`` chunks, each one example
+    with labels on every token, so ``forget`` / ``retain`` may hold documents, question/answer pairs or both.
     """
 
     def __init__(self, rows: Mapping[str, Sequence[dict]], splits: Sequence[str], tokenizer: Any,
@@ -809,7 +828,7 @@ class UnlearningDataset(Dataset):
         self.splits = tuple(splits)
         self.tokenizer, self.template, self.max_length, self.seed = tokenizer, template, max_length, seed
         forget, retain = list(rows["forget"]), list(rows.get("retain", ()))
-        self._pairs = {name: _pairs_for(name, forget, retain, seed) for name in self.splits}
+        self._pairs = {name: _pairs_for(name, forget, retain, seed, tokenizer, max_length) for name in self.splits}
         self._offsets = {
             name: 0 if position == 0 else random.Random(f"{seed}:{name}").randrange(len(self._pairs[name]))
             for position, name in enumerate(self.splits)
@@ -836,9 +855,12 @@ class UnlearningDataset(Dataset):
         return item
 
     def _static_example(self, split: str, row: int) -> EncodedExample:
+        item = self._pairs[split][row]
+        if isinstance(item, EncodedExample):  # a document chunk, encoded up front
+            return item
         key = (split, row)
         if key not in self._encoded:
-            question, answer = self._pairs[split][row]
+            question, answer = item
             self._encoded[key] = encode_pair(self.tokenizer, question, answer, self.template, self.max_length)
         return self._encoded[key]
 
@@ -850,12 +872,20 @@ class UnlearningDataset(Dataset):
         return encode_pair(self.tokenizer, question, answer, self.template, self.max_length)
 
 
-def _pairs_for(split: str, forget: list[dict], retain: list[dict], seed: int) -> list[tuple[str, str]]:
-    """(question, answer) pairs of one split; ``template`` keeps the forget answers as placeholders."""
-    if split in ("forget", "template"):
+def is_document(row: Mapping[str, Any]) -> bool:
+    """A raw-text row (MUSE corpus): ``text`` and no question."""
+    return "text" in row and "question" not in row
+
+
+def _pairs_for(split: str, forget: list[dict], retain: list[dict], seed: int, tokenizer: Any,
+               max_length: int) -> list[tuple[str, str] | EncodedExample]:
+    """(question, answer) pairs of one split, or chunks for document rows of ``forget`` / ``retain``;
+    ``template`` keeps the forget answers as placeholders."""
+    if split in ("forget", "retain"):
+        return _pairs_or_chunks(forget if split == "forget" else retain, tokenizer, max_length)
+    _require_fields(forget, ("question",), split)  # template answers and ULD's augmentation need questions
+    if split == "template":
         return [(row["question"], row["answer"]) for row in forget]
-    if split == "retain":
-        return [(row["question"], row["answer"]) for row in retain]
     if split == "forget_augmented":
         # ULD's D'_f: each forget pair plus two paraphrased versions of it.
         _require_fields(forget, ("paraphrased_question", "paraphrased_answer"), split)
@@ -872,6 +902,16 @@ def _pairs_for(split: str, forget: list[dict], retain: list[dict], seed: int) ->
     retain_pairs = [(retain[i]["question"], retain[i]["answer"]) for i in sorted(chosen)]
     distractors = [(row["question"], wrong) for row in forget for wrong in row["perturbed_answer"][:2]]
     return retain_pairs + distractors
+
+
+def _pairs_or_chunks(rows: Sequence[dict], tokenizer: Any, max_length: int) -> list[tuple[str, str] | EncodedExample]:
+    items: list[tuple[str, str] | EncodedExample] = []
+    for row in rows:
+        if is_document(row):
+            items += encode_text(tokenizer, row["text"], max_length)
+        else:
+            items.append((row["question"], row["answer"]))
+    return items
 
 
 def _require_fields(rows: Sequence[dict], fields: Sequence[str], split: str) -> None:

@@ -3,6 +3,7 @@
 Conventions follow the reference evaluator (open-unlearning): prompt + answer are tokenised as ONE
 string; the label mask covers as many leading tokens as the prompt alone tokenises to; an EOS token is
 appended to the answer. Training and evaluation must use the same template, so it lives in one place.
+Raw text documents (MUSE) are plain LM sequences instead: ``encode_text`` chunks them, no template.
 """
 from __future__ import annotations
 
@@ -67,6 +68,21 @@ def encode_pair(tokenizer, question: str, answer: str, template: str, max_length
     full_ids = full_ids[:max_length]
     labels = [IGNORE_INDEX] * min(prompt_length, len(full_ids)) + full_ids[prompt_length:]
     return EncodedExample(full_ids, labels, prompt_length)
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> list[EncodedExample]:
+    """A document (MUSE-style raw text) as plain LM sequences: no template, labels on every token.
+
+    The document is tokenised once (with the tokenizer's BOS), EOS appended, and cut into consecutive
+    chunks of ``max_length`` tokens. Chunks do not overlap, as in MUSE's own chunking, so the first token
+    of each later chunk is context only (position t predicts t + 1 within a chunk). A last chunk of one
+    token predicts nothing and is dropped: a method's NLL over it would be 0/0.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one token predicts the next), got {max_length}")
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    chunks = [ids[start:start + max_length] for start in range(0, len(ids), max_length)]
+    return [EncodedExample(chunk, list(chunk), 0) for chunk in chunks if len(chunk) >= 2]
 
 
 def pad_id(tokenizer) -> int:

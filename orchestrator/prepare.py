@@ -2,7 +2,8 @@
 
 For the embedded benchmark a tokenizer is trained locally and a small Llama is fine-tuned twice through
 the same worker loop as every trial: on everything (the **target**) and on the retain split only (the
-**retain** model, whose forget truth ratios define forget quality). Each artefact is cached under a
+**retain** model, whose forget truth ratios define forget quality; for ``benchmark.kind: muse`` the
+reference for privleak and KnowMem). Each artefact is cached under a
 content hash of what determines it, so a second run reuses it. Real checkpoints are only evaluated.
 """
 from __future__ import annotations
@@ -42,11 +43,13 @@ def benchmark_config(spec: JobSpec) -> dict[str, Any]:
     if b.source == "embedded":
         load_args: dict[str, Any] = {"seed": spec.seed, "num_authors": b.num_authors,
                                      "questions_per_author": b.questions_per_author}
-    elif Path(b.source).expanduser().is_dir():
+    elif Path(b.source).expanduser().is_dir() or b.kind == "muse":  # MUSE: every split load_muse knows
         load_args = {}
     else:  # a hub dataset: only the splits this run needs (TOFU's retain metrics use retain_perturbed)
         load_args = {"splits": [b.forget_split, b.retain_split, b.holdout_split, "retain_perturbed",
                                 "real_authors", "world_facts"]}
+    if b.kind == "muse":  # only for MUSE, so TOFU's evaluation cache keys stay what they were
+        load_args["kind"] = "muse"
     return {"source": b.source, "generator": load_args, "forget_split": b.forget_split,
             "retain_split": b.retain_split, "holdout_split": b.holdout_split}
 
@@ -124,8 +127,7 @@ def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str
         model.config.pad_token_id = tokenizer.pad_token_id
         _atomic_dir(init_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     paths = {}
-    b = spec.benchmark
-    for name, splits in (("retain", [b.retain_split, "utility_train"]), ("target", ["full", "utility_train"])):
+    for name, splits in reference_training_splits(spec).items():
         out = cache / "models" / model_key / name
         if not (out / "config.json").exists():
             log(f"prepare: fine-tuning the {name} model on {'+'.join(splits)} for {spec.prepare.epochs} epochs")
@@ -134,6 +136,16 @@ def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str
             log(f"prepare: reusing the cached {name} model {out}")
         paths[name] = str(out)
     return paths["target"], str(tok_dir), paths["retain"]
+
+
+def reference_training_splits(spec: JobSpec) -> dict[str, list[str]]:
+    """What the embedded retain and target models are fine-tuned on. MUSE: the text documents (plain LM
+    sequences) plus the KnowMem questions of the same side, so KnowMem measures knowledge the model has."""
+    b = spec.benchmark
+    if b.kind == "muse":
+        return {"retain": [b.retain_split, "knowmem_retain"],
+                "target": [b.forget_split, b.retain_split, "knowmem_forget", "knowmem_retain"]}
+    return {"retain": [b.retain_split, "utility_train"], "target": ["full", "utility_train"]}
 
 
 def _evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path) -> dict[str, Any]:

@@ -76,11 +76,18 @@ def _rank_cell(row: dict[str, Any]) -> str:
 
 def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
     """Headers and string cells of a ranking table (trials or methods), reference rows marked ``ref``."""
+    from orchestrator.compare import benchmark_kind  # deferred: compare imports this module
+
     rows = ranked.to_pylist()
     show_runs = len({row["run_id"] for row in rows}) > 1
     show_trials = "trials" in ranked.column_names
+    # MUSE has no FQ or forget ROUGE: its forget numbers (VerbMem, KnowMem on forget questions) take their place.
+    muse = benchmark_kind(ranked) == "muse"
+    forget_columns = (("verbmem_forget", "VerbMem", ".3f"), ("knowmem_forget", "KnowMem forget", ".3f")) if muse else (
+        ("forget_quality", "FQ", ".2e"), ("forget_rouge", "forget ROUGE", ".3f"))
     headers = ["rank", "front"] + (["trials"] if show_trials else []) + (["run"] if show_runs else [])
-    headers += ["method", "params", "epoch", "FQ", "MU", "util loss", "forget ROUGE", "privleak", "worker-s", "status"]
+    headers += ["method", "params", "epoch", forget_columns[0][1], "MU", "util loss", forget_columns[1][1], "privleak",
+                "worker-s", "status"]
     cells = []
     for row in rows:
         line = [_rank_cell(row), "-" if row["front"] is None else str(row["front"])]
@@ -89,10 +96,10 @@ def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
             str(row["method"]),
             "-" if row.get("reference") else compact_params(row.get("params")),
             f"{row['epoch']}/{row['epochs_evaluated']}",
-            _number(row.get("forget_quality"), ".2e"),
+            _number(row.get(forget_columns[0][0]), forget_columns[0][2]),
             _number(row.get("model_utility"), ".3f"),
             _number(row.get("utility_loss"), ".3f"),
-            _number(row.get("forget_rouge"), ".3f"),
+            _number(row.get(forget_columns[1][0]), forget_columns[1][2]),
             _number(row.get("privleak"), ".1f"),
             _number(row.get("worker_seconds"), ".1f"),
             str(row.get("status")),

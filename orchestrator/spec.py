@@ -28,14 +28,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# Default (forget, retain, holdout) splits per benchmark kind. MUSE runs train and score on raw text;
+# these are the only text splits its loader (data.load_muse) knows.
+SPLIT_DEFAULTS = {"tofu": ("forget10", "retain90", "holdout10"), "muse": ("text_forget", "text_retain", "text_holdout")}
+SPLIT_FIELDS = ("forget_split", "retain_split", "holdout_split")
+# Method splits built from question/answer rows (template answers, ULD's paraphrase/distractor sets):
+# a MUSE forget set is documents, so methods that read them cannot run on it.
+QA_ONLY_SPLITS = ("template", "forget_augmented", "retain_augmented")
+
+
 class BenchmarkSpec(_Strict):
-    source: str = "embedded"  # "embedded", a local directory in TOFU's schema, or a hub dataset name
-    forget_split: str = "forget10"
-    retain_split: str = "retain90"
-    holdout_split: str = "holdout10"
+    # "tofu": question/answer splits (forget quality, model utility). "muse": raw text documents trained as
+    # plain LM sequences, scored by VerbMem, KnowMem and privleak (data.load_muse; embedded: its text corpus).
+    kind: Literal["tofu", "muse"] = "tofu"
+    source: str = "embedded"  # "embedded", a local directory in TOFU's (or MUSE's) layout, or a hub dataset name
+    forget_split: str | None = None  # default per kind: SPLIT_DEFAULTS
+    retain_split: str | None = None
+    holdout_split: str | None = None
     num_authors: int = Field(100, ge=2)  # embedded generator only
     questions_per_author: int = Field(8, ge=1)
     text_corpus: bool = True  # embedded: add biographies + question sets for the MUSE-style metrics
+
+    @model_validator(mode="after")
+    def _splits(self) -> "BenchmarkSpec":
+        for field, default in zip(SPLIT_FIELDS, SPLIT_DEFAULTS[self.kind]):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, default)
+        if self.kind == "muse":
+            for field in SPLIT_FIELDS:
+                if getattr(self, field) not in SPLIT_DEFAULTS["muse"]:
+                    raise ValueError(f"{field}: kind muse reads the text splits {', '.join(SPLIT_DEFAULTS['muse'])}, "
+                                     f"got {getattr(self, field)!r}")
+            if self.source == "embedded" and not self.text_corpus:
+                raise ValueError("text_corpus: kind muse on the embedded benchmark trains on its text corpus")
+        return self
 
 
 class EmbeddedModelSpec(_Strict):
@@ -252,7 +278,23 @@ class JobSpec(_Strict):
             raise ValueError("scaling.offload: needs scaling.zero_stage: 3")
         if self.model.target != "embedded" and self.model.retain is None and self.benchmark.source != "embedded":
             pass  # forget quality is then left empty; documented in README
+        if self.benchmark.kind == "muse":
+            self._check_muse()
         return self
+
+    def _check_muse(self) -> None:
+        """MUSE has no truth ratios (no forget quality) and its forget set is documents, not questions."""
+        from methods import get_method_class
+
+        if self.sweep.metric == "log10_forget_quality":
+            raise ValueError("sweep.metric: benchmark.kind muse has no forget quality; use score or model_utility")
+        if self.sweep.multi_objective:
+            raise ValueError("sweep.multi_objective: searches on log10 forget quality, which benchmark.kind muse lacks")
+        for i, entry in enumerate(self.sweep.methods):
+            needs = [split for split in get_method_class(entry.name).splits if split in QA_ONLY_SPLITS]
+            if needs:
+                raise ValueError(f"sweep.methods[{i}].name: method {entry.name!r} needs question/answer rows "
+                                 f"(splits {', '.join(needs)}); benchmark.kind muse trains on text documents")
 
     def spec_hash(self) -> str:
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -11,7 +11,7 @@ import warnings
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import compare, results
+from orchestrator import compare, report, results
 
 NAN = math.nan
 
@@ -255,3 +255,67 @@ def test_polars_query_over_evals_parquet(tmp_path):
         .sort(["forget_quality", "method"], descending=[True, False])
     )
     assert frame.rows() == [("ga", 1e-2), ("npo", 1e-2), ("rmu", 1e-4)]
+
+
+# ---------------------------------------------------------------------------------------------
+# MUSE: VerbMem ↓ in place of FQ ↑, utility from KnowMem on retain questions
+
+
+def _muse_row(trial: str, method: str, epoch: int, verbmem: float | None, knowmem: float | None, **extra) -> dict:
+    # No forget quality (MUSE has no truth ratio); utility columns left empty for compare to derive.
+    return _row(trial, method, epoch, None, None, verbmem_forget=verbmem, knowmem_retain=knowmem, **extra)
+
+
+def _muse_rows() -> list[dict]:
+    # Target's KnowMem-retain 0.5, so utility loss = 1 − KnowMem/0.5. Per trial (VerbMem, KnowMem → loss):
+    #   ga   e1 (.50, .48 → .04)  e2 (.10, .30 → .40 over 0.10)  → e1 is its best within the ceiling
+    #   npo  e1 (.30, .46 → .08)  e2 (.30, .47 → .06)            → same VerbMem: lower loss wins → e2
+    #   gd   e1 (.60, .49 → .02)
+    #   sim  e1 (.55, .47 → .06)  dominated by npo e2 (lower VerbMem, same loss) → front 1
+    #   kl   e1 (.05, .40 → .20)  only over the ceiling → least-bad, after every within-ceiling trial
+    #   div  diverged, nothing measured → last
+    # Within-ceiling points (−VerbMem ↑, loss ↓): npo (−.3, .06), ga (−.5, .04), gd (−.6, .02): none dominates
+    # another → front 0, ordered by VerbMem: npo 1, ga 2, gd 3; sim front 1 rank 4; kl front 2 rank 5; div rank 6.
+    return [
+        _muse_row("target", "target", 0, 0.90, 0.50), _muse_row("retain", "retain", 0, 0.20, 0.45),
+        _muse_row("ga", "ga", 1, 0.50, 0.48), _muse_row("ga", "ga", 2, 0.10, 0.30),
+        _muse_row("npo", "npo", 1, 0.30, 0.46), _muse_row("npo", "npo", 2, 0.30, 0.47),
+        _muse_row("gd", "graddiff", 1, 0.60, 0.49), _muse_row("sim", "simnpo", 1, 0.55, 0.47),
+        _muse_row("kl", "kl", 1, 0.05, 0.40), _muse_row("div", "ga", 1, None, None, status="diverged"),
+    ]
+
+
+def test_muse_rows_rank_on_verbmem_and_knowmem_utility_loss():
+    table = results.evals_table(_muse_rows())
+    assert compare.benchmark_kind(table) == "muse"
+    ranked = _by_trial(compare.rank_trials(compare.best_epochs(table)))
+    assert {t: ranked[t]["rank"] for t in ("npo", "ga", "gd", "sim", "kl", "div")} == {
+        "npo": 1, "ga": 2, "gd": 3, "sim": 4, "kl": 5, "div": 6}
+    assert {t: ranked[t]["front"] for t in ("npo", "ga", "gd", "sim", "kl", "div")} == {
+        "npo": 0, "ga": 0, "gd": 0, "sim": 1, "kl": 2, "div": 3}
+    assert (ranked["ga"]["epoch"], ranked["npo"]["epoch"], ranked["kl"]["over_ceiling"]) == (1, 2, True)
+    assert ranked["npo"]["model_utility"] == 0.47 and ranked["npo"]["utility_loss"] == pytest.approx(1 - 0.47 / 0.5)
+    assert ranked["retain"]["utility_loss"] == pytest.approx(0.1) and ranked["target"]["utility_loss"] == 0.0
+    assert math.isnan(ranked["npo"]["log10_fq"]) and ranked["retain"]["rank"] is None
+    methods = [r["method"] for r in compare.rank_methods(compare.rank_trials(compare.best_epochs(table))).to_pylist()]
+    assert methods == ["npo", "ga", "graddiff", "simnpo", "kl", "target", "retain"]
+    headers, _ = report.table_cells(compare.rank_trials(compare.best_epochs(table)))
+    assert "VerbMem" in headers and "FQ" not in headers
+
+
+def test_muse_utility_keeps_values_the_evaluation_wrote():
+    # A row that already carries utility numbers (the worker computes them) is left as it is.
+    rows = compare.muse_utility([dict(_muse_row("target", "target", 0, 0.9, 0.5)),
+                                 dict(_muse_row("t", "ga", 1, 0.5, 0.25), model_utility=0.3, utility_loss=0.7)])
+    assert (rows[1]["model_utility"], rows[1]["utility_loss"]) == (0.3, 0.7)
+    assert (rows[0]["model_utility"], rows[0]["utility_loss"]) == (0.5, 0.0)
+
+
+def test_tofu_tables_stay_tofu_even_with_verbmem():
+    # The embedded TOFU benchmark also measures VerbMem (its text corpus): FQ present → ranked on FQ.
+    rows = [dict(r, verbmem_forget=0.5) for r in _sweep_rows()]
+    assert compare.benchmark_kind(results.evals_table(rows)) == "tofu"
+    assert compare.benchmark_kind(results.evals_table(_sweep_rows())) == "tofu"
+    with_verbmem = compare.rank_trials(compare.best_epochs(results.evals_table(rows)))
+    plain = compare.rank_trials(compare.best_epochs(results.evals_table(_sweep_rows())))
+    assert with_verbmem.column("trial_id").to_pylist() == plain.column("trial_id").to_pylist()

@@ -22,7 +22,7 @@ from orchestrator.data import (
     validate_split,
     validate_text_split,
 )
-from orchestrator.encoding import IGNORE_INDEX, encode_pair
+from orchestrator.encoding import IGNORE_INDEX, encode_pair, encode_text
 from orchestrator.tokenizer import benchmark_texts, train_tokenizer
 
 QA_FIELDS = {"id", "question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer"}
@@ -385,3 +385,66 @@ def test_dataset_rejects_bad_requests(small, tokenizer):
         UnlearningDataset({"forget": bare}, ["forget_augmented"], tokenizer)
     with pytest.raises(IndexError):
         dataset(small, tokenizer, ["forget"])[8]
+
+
+# ---------------------------------------------------------------- MUSE: documents as plain LM chunks
+class WordTokenizer:
+    """Word i of the text → id 10 + i, after a BOS of 1; EOS is 2. Boundaries are then countable by hand."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [self.bos_token_id] * add_special_tokens + [10 + i for i, _ in enumerate(text.split())]}
+
+
+@pytest.mark.parametrize("words, max_length, expected", [
+    # 7 words: BOS + 7 + EOS = 9 ids [1, 10..16, 2]; chunks of 4: [1,10,11,12] [13,14,15,16] [2] → the lone EOS
+    # predicts nothing and is dropped.
+    (7, 4, [[1, 10, 11, 12], [13, 14, 15, 16]]),
+    # 8 words: 10 ids; chunks of 4: [1,10,11,12] [13,14,15,16] [17,2] (2 tokens: one prediction, kept).
+    (8, 4, [[1, 10, 11, 12], [13, 14, 15, 16], [17, 2]]),
+    # 2 words with room to spare: one chunk, the whole document with its EOS.
+    (2, 64, [[1, 10, 11, 2]]),
+    # max_length 2: [1,10] [11,2].
+    (2, 2, [[1, 10], [11, 2]]),
+])
+def test_encode_text_chunks_at_max_length_with_labels_on_every_token(words, max_length, expected):
+    chunks = encode_text(WordTokenizer(), " ".join(["w"] * words), max_length)
+    assert [c.input_ids for c in chunks] == expected
+    assert all(c.labels == c.input_ids and c.prompt_length == 0 for c in chunks)
+    with pytest.raises(ValueError, match="max_length"):
+        encode_text(WordTokenizer(), "a b", 1)
+
+
+def test_encode_text_chunks_rebuild_the_tokenised_document(small, tokenizer):
+    text = " ".join(row["answer"] for row in small["forget10"])
+    chunks = encode_text(tokenizer, text, 16)
+    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    assert [t for c in chunks for t in c.input_ids] == ids[:len(ids) - (len(ids) % 16 == 1)]
+    assert all(len(c.input_ids) == 16 for c in chunks[:-1])
+
+
+def test_dataset_turns_documents_into_chunks_and_keeps_pairs(small, tokenizer):
+    docs = [{"text": " ".join(row["answer"] for row in small["forget10"][:4])}, {"text": small["forget10"][4]["answer"]}]
+    chunks = [c.input_ids for doc in docs for c in encode_text(tokenizer, doc["text"], 24)]
+    qa = small["retain90"][:3]
+    ds = UnlearningDataset({"forget": docs + qa, "retain": docs}, ["forget", "retain"], tokenizer, "qa", 24)
+    assert len(ds) == len(chunks) + len(qa)  # every chunk an example, then the question/answer pairs
+    assert [ds[i]["forget"].input_ids for i in range(len(chunks))] == chunks
+    assert ds[len(chunks)]["forget"].input_ids == encode_pair(tokenizer, qa[0]["question"], qa[0]["answer"], "qa", 24).input_ids
+    assert all(ds[i]["forget"].labels == ds[i]["forget"].input_ids for i in range(len(chunks)))
+    with pytest.raises(DataError, match="field 'question'.*template"):
+        UnlearningDataset({"forget": docs}, ["forget", "template"], tokenizer)
+
+
+def test_embedded_muse_kind_is_the_generators_text_corpus():
+    muse = load_benchmark("embedded", seed=3, num_authors=20, questions_per_author=4, kind="muse")
+    full = generate_benchmark(seed=3, num_authors=20, questions_per_author=4)
+    assert set(muse) == set(data.MUSE_SPLITS)
+    assert all(muse[name] == full[name] for name in data.MUSE_SPLITS)
+    data.check_muse_splits(muse, "text_forget", "text_retain", "text_holdout")
+    with pytest.raises(DataError, match="forget_split: split 'forget10'"):
+        data.check_muse_splits(muse, "forget10", "text_retain", "text_holdout")
+    with pytest.raises(DataError, match="knowmem_retain"):
+        data.check_muse_splits({k: v for k, v in muse.items() if k != "knowmem_retain"},
+                               "text_forget", "text_retain", "text_holdout")

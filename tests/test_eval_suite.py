@@ -372,3 +372,47 @@ def test_generation_is_cut_at_eos_and_knowmem_stop_strings(setup):
     eos = tokenizer.eos_token_id
     assert _decode_generation(tokenizer, ids + [eos, ids[0]], eos, KNOWMEM_STOPWORDS) == "Lima walls"
     assert _decode_generation(tokenizer, ids[:2] + [eos] + ids, eos, ()) == tokenizer.decode(ids[:2]).strip()
+
+
+# ----------------------------------------------------------------- MUSE: documents instead of questions
+def _muse_data(data: dict[str, list]) -> dict[str, list]:
+    """MUSE splits built from the setup's strings: text_forget (3 documents, one too short for VerbMem),
+    3 retain and 2 holdout documents, and the KnowMem question sets."""
+    retain_docs = [{"text": " ".join(r["answer"] for r in data[SPLITS["retain"]][i:i + 3])} for i in range(3)]
+    holdout_docs = [{"text": " ".join(r["answer"] for r in data[SPLITS["holdout"]][i:i + 2])} for i in (0, 2)]
+    return {"text_forget": data["text_forget"], "text_retain": retain_docs, "text_holdout": holdout_docs,
+            "knowmem_forget": data["knowmem_forget"], "knowmem_retain": data["knowmem_retain"]}
+
+
+def test_muse_documents_are_scored_as_text_with_knowmem_as_utility(setup):
+    model, tokenizer, data = setup
+    muse = _muse_data(data)
+    config = replace(CONFIG, max_length=24)  # documents longer than 24 tokens are scored on their first 24
+    with torch.no_grad():
+        result = evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
+                          retain_split="text_retain", holdout_split="text_holdout",
+                          retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+    samples, m = _sample_map(result), result.metrics
+    # Document 0 alone through the model, in float64: BOS + text + EOS cut at 24 tokens, every token after
+    # the first is a target (position t scores token t + 1).
+    ids = (tokenizer(muse["text_forget"][0]["text"])["input_ids"] + [tokenizer.eos_token_id])[:24]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    token = torch.log_softmax(logits[:-1], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+    assert samples[("text_forget", 0, "prob")] == pytest.approx(math.exp(token.mean()), rel=1e-5)
+    assert samples[("text_forget", 0, "mia_loss")] == pytest.approx(-token.mean(), rel=1e-5)
+    # No question, so no truth ratio, forget quality or TOFU ROUGE; VerbMem continues the same documents.
+    for name in ("forget_quality", "forget_truth_ratio", "forget_rouge", "extraction_strength", "ra_prob"):
+        assert m[name] is None, name
+    assert {i for (s, i, metric) in samples if s == "text_forget" and metric == "verbmem"} == {0, 2}
+    assert m["verbmem_forget"] == pytest.approx(np.mean([samples[("text_forget", i, "verbmem")] for i in (0, 2)]))
+    # Retain: as many documents as the forget split has (3 of 3), probability only.
+    assert {(i, metric) for (s, i, metric) in samples if s == "text_retain"} == {(i, "prob") for i in range(3)}
+    # MIA on forget vs holdout documents; privleak against the retain model's AUC (0.6 here).
+    mink = lambda split, n: [samples[(split, i, "mia_mink")] for i in range(n)]  # noqa: E731
+    assert m["mia_mink_auc"] == pytest.approx(M.auc(mink("text_forget", 3), mink("text_holdout", 2)))
+    assert m["privleak"] == pytest.approx(M.privleak(m["mia_mink_auc"], 0.6))
+    # MUSE's utility is KnowMem on retain questions; utility loss is relative to the target's 0.5.
+    assert m["model_utility"] == m["knowmem_retain"] is not None
+    assert m["utility_loss"] == pytest.approx(1 - m["knowmem_retain"] / 0.5)
+    assert result.reference.forget_truth_ratios == [] and set(result.reference.mia_auc) == set(("loss", "zlib", "mink", "minkpp"))

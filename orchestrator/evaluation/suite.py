@@ -29,6 +29,7 @@ from orchestrator.encoding import (
     collate_prompts,
     encode_pair,
     encode_prompt,
+    encode_text,
     pad_id,
 )
 from orchestrator.evaluation import metrics as M
@@ -162,6 +163,7 @@ class _QASplit:
     perturbed: bool = False  # score every perturbed_answer (truth ratio)
     memorisation: bool = False  # extraction strength, exact memorisation
     mia: bool = False  # LOSS, ZLib, Min-k%, Min-k%++ scores
+    text: bool = False  # MUSE documents: the first encode_text chunk, every token scored (no question)
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,10 @@ def _score_batch(ctx: _Context, split: _QASplit, indices: list[int]) -> list[lis
     encoded: list[EncodedExample] = []
     layout = []
     for index in indices:
+        if split.text:
+            encoded.append(_document_example(ctx, split, index))
+            layout.append(1)
+            continue
         answers = _answers(split, index)
         question = split.rows[index]["question"]
         encoded += [encode_pair(ctx.tokenizer, question, a, ctx.config.template, ctx.config.max_length)
@@ -226,6 +232,15 @@ def _score_batch(ctx: _Context, split: _QASplit, indices: list[int]) -> list[lis
         per_example.append(scores[start:start + count])
         start += count
     return per_example
+
+
+def _document_example(ctx: _Context, split: _QASplit, index: int) -> EncodedExample:
+    """A document's first ``max_length`` tokens (MUSE's MIA truncates the same way); its last scored token
+    is the EOS only when the document fits, so the MIA scores' drop-the-EOS cut may drop a text token."""
+    try:
+        return encode_text(ctx.tokenizer, split.rows[index]["text"], ctx.config.max_length)[0]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError(f"split {split.name!r} row {index}: needs a non-empty 'text' field") from None
 
 
 def _example_values(ctx: _Context, split: _QASplit, sequences: list[SequenceScores]) -> dict[str, float]:
@@ -407,6 +422,9 @@ def evaluate(
     ``data``: the forget / retain / holdout splits named by the arguments, ``real_authors`` and
     ``world_facts`` (utility), and optionally ``text_forget`` (paragraphs) and ``knowmem_forget`` /
     ``knowmem_retain`` (question/answer) for MUSE's metrics; metrics of absent splits are None.
+    When the forget split holds documents ({"text"} rows: ``benchmark.kind: muse``), forget / retain /
+    holdout are scored as text (probability, MIA AUCs, privleak), VerbMem continues the forget documents,
+    there is no truth ratio or forget quality, and ``model_utility`` is KnowMem on retain questions.
     ``retain_reference``: the retain model's ReferenceStats (None: no forget quality; privleak against
     AUC 0.5, as the reference does). Call it on every rank, in eval mode, under torch.no_grad().
     """
@@ -486,27 +504,22 @@ def _plan(data, tokenizer, config: EvalConfig, forget_split, retain_split, holdo
     for role, name in named.items():
         if name is not None and name not in data:
             raise ValueError(f"{role} split {name!r} is not in the data (have: {', '.join(sorted(data))})")
-    optional = {"ra": "real_authors", "wf": "world_facts", "text_forget": "text_forget",
+    if not data[forget_split]:
+        raise ValueError(f"forget split {forget_split!r} has no rows")
+    text = _is_documents(data[forget_split])
+    # MUSE: the forget split is the text VerbMem continues, so that role shares it.
+    optional = {"ra": "real_authors", "wf": "world_facts", "text_forget": None if text else "text_forget",
                 "knowmem_forget": "knowmem_forget", "knowmem_retain": "knowmem_retain"}
     names = {role: name for role, name in {**named, **optional}.items() if name is not None and data.get(name)}
     if len(set(names.values())) != len(names):
         raise ValueError(f"each evaluated role needs its own split, got {names}")
-    if not data[forget_split]:
-        raise ValueError(f"forget split {forget_split!r} has no rows")
-    qa = [_QASplit("forget", forget_split, list(data[forget_split]), paraphrase=True, perturbed=True,
-                   memorisation=True, mia=True)]
-    if "retain" in names:
-        names["retain"], retain_rows = _retain_evaluation_rows(data, retain_split, config, len(data[forget_split]))
-        qa.append(_QASplit("retain", names["retain"], retain_rows, paraphrase=True, perturbed=True))
-    if "holdout" in names:
-        qa.append(_QASplit("holdout", holdout_split, list(data[holdout_split]), mia=True))
-    for role in ("ra", "wf"):
-        if role in names:
-            qa.append(_QASplit(role, names[role], list(data[names[role]]), perturbed=True))
+    qa = _text_splits(data, names, config) if text else _qa_splits(data, names, config)
+    if text:
+        names["text_forget"] = forget_split
     generation = []
     if config.generation:
         generation = [_qa_generation(s.role, s, tokenizer, config, metric="rouge", max_new_tokens=config.max_new_tokens,
-                                     similarity=M.rouge_l_recall) for s in qa if s.role != "holdout"]
+                                     similarity=M.rouge_l_recall) for s in qa if s.role != "holdout" and not s.text]
         if "text_forget" in names:
             generation.append(_verbmem_generation(names["text_forget"], list(data[names["text_forget"]]), tokenizer, config))
         for role in ("knowmem_forget", "knowmem_retain"):
@@ -516,6 +529,39 @@ def _plan(data, tokenizer, config: EvalConfig, forget_split, retain_split, holdo
                                                  max_new_tokens=config.knowmem_new_tokens, similarity=M.rouge_l_f1,
                                                  stopwords=KNOWMEM_STOPWORDS))
     return qa, generation, names
+
+
+def _is_documents(rows: list[Any]) -> bool:
+    """MUSE text rows ({"text"}, no question) rather than question/answer rows."""
+    return isinstance(rows[0], dict) and "text" in rows[0] and "question" not in rows[0]
+
+
+def _qa_splits(data, names: dict[str, str], config: EvalConfig) -> list[_QASplit]:
+    """TOFU: forget (every number), retain (truth ratio), holdout (MIA negatives), utility sets."""
+    forget_rows = list(data[names["forget"]])
+    qa = [_QASplit("forget", names["forget"], forget_rows, paraphrase=True, perturbed=True, memorisation=True, mia=True)]
+    if "retain" in names:
+        names["retain"], retain_rows = _retain_evaluation_rows(data, names["retain"], config, len(forget_rows))
+        qa.append(_QASplit("retain", names["retain"], retain_rows, paraphrase=True, perturbed=True))
+    if "holdout" in names:
+        qa.append(_QASplit("holdout", names["holdout"], list(data[names["holdout"]]), mia=True))
+    for role in ("ra", "wf"):
+        if role in names:
+            qa.append(_QASplit(role, names[role], list(data[names[role]]), perturbed=True))
+    return qa
+
+
+def _text_splits(data, names: dict[str, str], config: EvalConfig) -> list[_QASplit]:
+    """MUSE: documents scored teacher-forced on every token; forget vs holdout gives the MIA AUCs
+    (privleak), retain only its probability (as many documents as the forget split, or retain_eval_size)."""
+    forget_rows = list(data[names["forget"]])
+    qa = [_QASplit("forget", names["forget"], forget_rows, mia=True, text=True)]
+    if "retain" in names:
+        retain_rows = list(data[names["retain"]])[:config.retain_eval_size or len(forget_rows)]
+        qa.append(_QASplit("retain", names["retain"], retain_rows, text=True))
+    if "holdout" in names:
+        qa.append(_QASplit("holdout", names["holdout"], list(data[names["holdout"]]), mia=True, text=True))
+    return qa
 
 
 def _retain_evaluation_rows(data, retain_split: str, config: EvalConfig, forget_size: int):
@@ -547,9 +593,9 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         return None if found is None else float(found.mean())
 
     metrics: dict[str, float | None] = {name: None for name in METRIC_COLUMNS}
-    forget_tr = get("forget", "truth_ratio")
+    forget_tr = get("forget", "truth_ratio")  # None on MUSE text: no forget quality
     metrics.update(
-        forget_truth_ratio=M.forget_truth_ratio_score(forget_tr),
+        forget_truth_ratio=None if forget_tr is None else M.forget_truth_ratio_score(forget_tr),
         forget_prob=mean("forget", "prob"), forget_rouge=mean("forget", "rouge"),
         retain_prob=mean("retain", "prob"), retain_rouge=mean("retain", "rouge"),
         ra_prob=mean("ra", "normalised_prob"), ra_rouge=mean("ra", "rouge"),
@@ -565,9 +611,11 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
     utility = [metrics[f"{role}_{kind}"] for role in ("retain", "ra", "wf") for kind in ("prob", "rouge", "truth_ratio")]
     if all(v is not None for v in utility):
         metrics["model_utility"] = M.model_utility(utility)
-        if target_mu:
-            metrics["utility_loss"] = 1.0 - metrics["model_utility"] / target_mu
-    if retain_reference is not None:
+    elif forget_tr is None:  # MUSE's utility: KnowMem on retain questions (compare.py ranks on it too)
+        metrics["model_utility"] = metrics["knowmem_retain"]
+    if metrics["model_utility"] is not None and target_mu:
+        metrics["utility_loss"] = 1.0 - metrics["model_utility"] / target_mu
+    if retain_reference is not None and forget_tr is not None:
         metrics["forget_quality"] = M.forget_quality(forget_tr, retain_reference.forget_truth_ratios)
     mia_auc = {}
     for attack in MIA_ATTACKS:
@@ -578,4 +626,4 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         # Without the retain model's AUC the reference compares against 0.5 (its `ref_value`).
         retain_auc = (retain_reference.mia_auc.get(config.privleak_attack, 0.5) if retain_reference else 0.5)
         metrics["privleak"] = M.privleak(mia_auc[config.privleak_attack], retain_auc)
-    return metrics, ReferenceStats([float(v) for v in forget_tr], mia_auc)
+    return metrics, ReferenceStats([float(v) for v in forget_tr] if forget_tr is not None else [], mia_auc)
