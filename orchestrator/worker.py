@@ -36,6 +36,7 @@ class WorkerContext:
     report: Callable[[dict[str, Any], str | None], None]  # (metrics, local checkpoint dir or None)
     restore_dir: str | None = None  # checkpoint to resume from, already local
     local_rank: int = 0
+    checkpoints: bool = True  # save one per epoch for the launcher (torchrun has nowhere to keep them)
 
 
 @dataclass
@@ -473,7 +474,7 @@ def _emit(config, ctx, row, stats: EpochStats, samples, engine, history=None) ->
     if config["mode"] == "finetune" and row["status"] != "ok":
         return  # fine-tuning reports once, at the end; progress goes to the log
     checkpoint_dir = None
-    if engine is not None and config["mode"] == "unlearn":
+    if engine is not None and config["mode"] == "unlearn" and ctx.checkpoints:
         checkpoint_dir = tempfile.mkdtemp(prefix="unlearn-ckpt-")
         engine.save_checkpoint(checkpoint_dir, tag="ckpt", client_state={"epoch": row["epoch"], "history": history})
     ctx.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}, checkpoint_dir)
@@ -567,9 +568,12 @@ def main() -> None:
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if rank == 0:
+            if use_gpu:  # orchestrator.gpu_check reads it
+                metrics = dict(metrics, peak_memory_bytes=torch.cuda.max_memory_allocated(device))
             print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}), flush=True)
 
-    run_worker(config, WorkerContext(rank, world, device, report, local_rank=int(os.environ.get("LOCAL_RANK", 0))))
+    run_worker(config, WorkerContext(rank, world, device, report, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                                     checkpoints=False))
     torch.distributed.destroy_process_group()
 
 

@@ -1,0 +1,223 @@
+"""The GPU path's decisions, checked without a GPU: the DeepSpeed config for bf16 + ZeRO-3 (+ offload),
+when AdamW is fused, the trial config and FLOP accounting of ``orchestrator.gpu_check``, and (integration)
+the check itself on CPU through the real torchrun entry with ZeRO-3 for NPO and ULD.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orchestrator import gpu_check
+from orchestrator.worker import deepspeed_config
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+def test_bf16_zero3_offload_config_has_exactly_the_expected_keys():
+    config = deepspeed_config(3, 4, 2, 3, "bfloat16", True, 1.0)
+    # Written out by hand: batch 4 × accumulation 2 × 3 workers = 24; offload of parameters and optimizer
+    # to CPU with a torch optimizer (no DeepSpeed CPU Adam); bf16 and no fp16 section.
+    assert config == {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 24,
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                              "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+    }
+    # And DeepSpeed reads it that way (its own parser, no process group: world size 1, so batch 4 × 2 = 8).
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig(deepspeed_config(3, 4, 2, 1, "bfloat16", True, 1.0))
+    assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
+    assert parsed.zero_optimization_stage == 3
+    assert parsed.zero_config.offload_param.device == "cpu"
+    assert parsed.zero_config.offload_optimizer.device == "cpu"
+    assert parsed.train_batch_size == 8 and not parsed.zero_force_ds_cpu_optimizer
+
+
+def test_bf16_zero3_without_offload_keeps_parameters_and_optimizer_on_the_device():
+    config = deepspeed_config(3, 8, 1, 1, "bfloat16", False, 0.0)
+    assert config["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    assert "zero_force_ds_cpu_optimizer" not in config and "gradient_clipping" not in config
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+
+
+# ---------------------------------------------------------------- fused AdamW
+class _OptimizerBuilt(Exception):
+    """Raised by the recording AdamW: the worker stops right after choosing its optimizer."""
+
+
+@pytest.fixture(scope="module")
+def tiny_check(tmp_path_factory):
+    """A tiny random-weight model + tokenizer as gpu_check builds them, and its spec."""
+    out = tmp_path_factory.mktemp("gpu-check")
+    size = gpu_check.SIZES["tiny"]
+    spec = gpu_check.check_spec(size, out / "model", out / "cache", 1, "float32", False, False, 1)
+    gpu_check.build_model_dir(spec, size, out / "model", "float32")
+    return out, spec
+
+
+@pytest.mark.parametrize("device, offload, fused", [
+    ("cpu", False, None), ("cpu", True, None), ("cuda", False, True), ("cuda", True, None),
+])
+def test_adamw_is_fused_only_on_cuda_without_offload(device, offload, fused, tiny_check, monkeypatch):
+    from orchestrator.worker import WorkerContext, run_worker
+
+    out, spec = tiny_check
+    config = gpu_check.trial_config(spec, out / "model", out / "run", "ga", {}, 1e-4, 4)
+    config["scaling"] = dict(config["scaling"], offload=offload)
+    seen = {}
+
+    def recording_adamw(parameters, **kwargs):
+        seen.update(kwargs)
+        raise _OptimizerBuilt
+
+    # GA has no reference model, so nothing before the optimizer touches the (absent) CUDA device.
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    with pytest.raises(_OptimizerBuilt):
+        run_worker(config, WorkerContext(0, 1, torch.device(device), lambda metrics, directory: None))
+    assert seen["fused"] is fused
+    assert seen["lr"] == 1e-4
+
+
+# ---------------------------------------------------------------- the check's trial config and FLOPs
+def test_trial_config_has_the_keys_of_a_sweep_trial(tiny_check, monkeypatch):
+    from orchestrator import api
+    from orchestrator.prepare import Prepared
+
+    out, spec = tiny_check
+    monkeypatch.setattr(api, "provenance", lambda: {"git_sha": "x", "versions": "{}"})
+    prepared = Prepared(str(out / "model"), str(out / "model"), None, None, [], 0.0)
+    base = api.base_trial_config(spec, out / "run", "gpu-check", prepared)
+    sweep_trial = dict(base, mode="unlearn", method="npo", params={}, trial_id="npo_1", trial_params={})
+    ours = gpu_check.trial_config(spec, out / "model", out / "run", "npo", {}, 1e-5, 6)
+    assert ours.keys() == sweep_trial.keys()
+    for section in ("model", "training", "scaling", "benchmark", "evaluation", "references"):
+        assert ours[section].keys() == sweep_trial[section].keys(), section
+    assert ours["model"] == base["model"] and ours["benchmark"] == base["benchmark"]
+    assert ours["scaling"]["zero_stage"] == 3 and ours["scaling"]["num_workers"] == 1
+    assert ours["training"]["batch_size"] == 6 and ours["training"]["lr"] == 1e-5
+    assert ours["evaluation"]["every"] == 0  # evaluation after the last epoch only
+
+
+def test_frozen_weights_cost_four_flops_per_token_and_trainable_ones_six():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # A trainable 12→12 layer feeding a frozen 12→5 one, input requiring grad (as inside a network):
+    # trainable: forward 2, input grad 2, weight grad 2 per weight and token; frozen: no weight grad.
+    tokens = 7
+    trained, frozen = torch.nn.Linear(12, 12, bias=False), torch.nn.Linear(12, 5, bias=False)
+    frozen.requires_grad_(False)
+    x = torch.randn(tokens, 12, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        frozen(trained(x)).sum().backward()
+    shape = {"trainable": 144, "frozen": 60, "layers": 0, "hidden": 0}
+    assert counter.get_total_flops() == gpu_check.flops_per_trained_token(shape, 0.0) * tokens == (6 * 144 + 4 * 60) * tokens
+
+
+def test_trained_module_shape_counts_the_model_and_the_uld_assistant_by_hand():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=16, tie_word_embeddings=True)
+    # Head dim 4, one KV head: per layer q 8·8 = 64, k and v 8·4 = 32 each, o 64, gate/up/down 3·8·16 = 384,
+    # two RMSNorms 16 → 592. Embedding 32·8 = 256 (tied: counted once), final norm 8.
+    assert gpu_check.trained_module_shape(config, "npo", {}) == {
+        "trainable": 256 + 4 * 592 + 8, "frozen": 0, "layers": 4, "hidden": 8}
+    # ULD: a quarter of 4 layers = 1, frozen; LoRA rank 2 on its 7 linears, r·(in + out) each:
+    # q 2·16 = 32, k 2·12 = 24, v 24, o 32, gate 2·24 = 48, up 48, down 48 → 256 trainable.
+    assert gpu_check.trained_module_shape(config, "uld", {"lora_rank": 2, "lora_alpha": 2.0}) == {
+        "trainable": 256, "frozen": 256 + 592 + 8, "layers": 1, "hidden": 8}
+
+
+def test_mfu_is_achieved_flops_over_the_peak():
+    # 1000 tokens/s × 6e9 FLOP/token = 6e12 FLOP/s over a 600 TFLOP/s peak = 1 %.
+    assert gpu_check.model_flops_utilisation(1000.0, 6e9, 6e14) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        gpu_check.model_flops_utilisation(1000.0, 6e9, 0.0)
+
+
+def test_reports_are_the_workers_json_lines_only():
+    log = "\n".join([
+        "[2025-01-01 00:00:00,000] [INFO] [config.py:1] DeepSpeed info {not json}",
+        '{"epoch": 1, "status": "running", "train_seconds": 1.5, "epoch_tokens": 300}',
+        "[npo_check] epoch 1/2 running forget 1.3 (200 tok/s)",
+        '{"zero_optimization": {"stage": 3}}',
+        '  {"epoch": 2, "status": "ok", "train_seconds": 2.5, "epoch_tokens": 300}  ',
+    ])
+    assert [r["epoch"] for r in gpu_check.parse_reports(log)] == [1, 2]
+    # One step per epoch: epoch 2 (after warm-up) took 1.0 s for 300 tokens.
+    figures = gpu_check.throughput(gpu_check.parse_reports(log), 10.0, 3000.0)
+    assert figures["tokens_per_second"] == pytest.approx(300.0) and figures["mfu"] == pytest.approx(1.0)
+    assert figures["status"] == "ok"
+
+
+def test_the_check_launches_the_torchrun_worker_entry(tmp_path):
+    command = gpu_check.torchrun_command(tmp_path / "npo.json")
+    assert command[1:3] == ["-m", "torch.distributed.run"]  # what the torchrun script runs
+    at = command.index("--nproc-per-node")
+    assert command[at + 1] == "1"
+    assert command[-3:] == ["-m", "orchestrator.worker", str(tmp_path / "npo.json")]
+
+
+def test_device_memory_peak_is_the_highest_use_above_idle(monkeypatch):
+    # cudaMemGetInfo faked as (free, total) readings of a 10-unit device: 2 in use before the child
+    # starts (idle), then 5, 9, 4 → the child's peak is 9 − 2 = 7.
+    readings = iter([(8, 10), (5, 10), (1, 10), (6, 10)])
+    last = [(6, 10)]
+
+    def mem_get_info(device):
+        last[0] = next(readings, last[0])
+        return last[0]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with gpu_check.DeviceMemoryPeak(torch.device("cuda", 0), interval=0.001) as sampled:
+        while last[0] != (6, 10):
+            pass
+    assert sampled.peak == 7
+
+
+def test_peak_memory_prefers_the_workers_own_cuda_figure():
+    run = gpu_check.TorchrunResult(0, [{"epoch": 1, "peak_memory_bytes": 300}, {"epoch": 2, "peak_memory_bytes": 500}],
+                                   host_peak_rss=900, seconds=1.0)
+
+    class Sampled:
+        peak = 700
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert gpu_check.peak_memory(cuda, run, Sampled())["peak_memory_bytes"] == 500
+    unreported = gpu_check.TorchrunResult(0, [{"epoch": 1}], host_peak_rss=900, seconds=1.0)
+    assert gpu_check.peak_memory(cuda, unreported, Sampled())["peak_memory_bytes"] == 700
+    assert gpu_check.peak_memory(cpu, unreported, None)["peak_memory_bytes"] == 900
+
+
+# ---------------------------------------------------------------- the check, end to end on CPU
+@pytest.mark.integration
+def test_gpu_check_runs_npo_and_uld_with_zero3_through_torchrun_on_cpu(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "orchestrator.gpu_check", "--out", str(tmp_path),
+                           "--config-size", "tiny", "--steps", "2"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=gpu_check.PROJECT_ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["zero_stage"] == 3 and summary["backend"] == "gloo" and not summary["fused_adamw"]
+    assert math.isfinite(summary["matmul_peak_flops"]) and summary["matmul_peak_flops"] > 0
+    for method in ("npo", "uld"):
+        result = summary["methods"][method]
+        assert result["returncode"] == 0, (tmp_path / "logs" / f"{method}.log").read_text()[-3000:]
+        assert result["status"] == "ok" and result["steps"] == 2 and result["generated"]
+        config = json.loads((tmp_path / "configs" / f"{method}.json").read_text())
+        assert config["scaling"]["zero_stage"] == 3 and config["model"]["dtype"] == summary["dtype"]
+        for figure in ("tokens_per_second", "mfu", "peak_memory_bytes", "host_peak_rss_bytes"):
+            assert math.isfinite(result[figure]) and result[figure] > 0, (method, figure, result[figure])
+    assert "| npo | 0 | ok |" in (tmp_path / "gpu_check.md").read_text()
