@@ -125,8 +125,41 @@ def init_ray(spec: JobSpec, address: str | None, run_dir: Path | None = None) ->
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True, job_config=job_config)
         return
-    ray.init(num_cpus=spec.ray.num_cpus, dashboard_host=spec.ray.dashboard_host, include_dashboard=None,
-             log_to_driver=True, job_config=job_config, _metrics_export_port=spec.ray.metrics_export_port)
+    start_local_ray(spec.ray.num_cpus, spec.ray.dashboard_host, log_to_driver=True, job_config=job_config,
+                    _metrics_export_port=spec.ray.metrics_export_port)
+
+
+def start_local_ray(num_cpus: int | None, dashboard_host: str = "127.0.0.1", **init_kwargs: Any) -> str:
+    """Start a local Ray cluster with its dashboard, every process of it knowing that dashboard's address.
+
+    Why: Tune stops a trial (ASHA, or any ASHA trial at max_t) by killing its driver, and with it the Ray
+    Train controller; the gang's placement group is then freed only by Train's PlacementGroupCleaner, which
+    asks the dashboard's state API whether the controller is alive. Without RAY_API_SERVER_ADDRESS the
+    cleaner auto-detects "the" Ray on the machine: with several running it gives up (the gang's CPUs stay
+    reserved and the next trial waits forever). So the port is chosen here and the address is in the
+    environment while the raylet starts (its workers inherit it), then the caller's environment is restored.
+    Returns the dashboard URL.
+    """
+    import socket
+
+    import ray
+
+    url_host = "127.0.0.1" if dashboard_host in ("0.0.0.0", "::", "localhost") else dashboard_host
+    with socket.socket() as probe:
+        probe.bind((url_host, 0))
+        port = probe.getsockname()[1]
+    url = f"http://{url_host}:{port}"
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = url
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host, dashboard_port=port,
+                 **init_kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS")
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    return url
 
 
 def cluster_capacity() -> tuple[float, float]:

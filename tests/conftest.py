@@ -49,11 +49,16 @@ def tiny_spec(cache_dir: str | os.PathLike, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster with 2 CPUs, its temp dir under /tmp (socket paths must stay short)."""
+    """A real local Ray cluster with 2 CPUs, its temp dir under /tmp (socket paths must stay short).
+
+    Started as `unlearn run` starts one, with its dashboard: Ray Train frees the gang of a trial that Tune
+    stops (ASHA) through the dashboard's state API (orchestrator.api.start_local_ray says why)."""
     import ray
 
+    from orchestrator.api import start_local_ray
+
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True)
+    start_local_ray(2, _temp_dir=temp_dir, log_to_driver=True)
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

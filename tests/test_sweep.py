@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import SweepError, gang_fits, grid_configs, optuna_space, split_trial_config, trial_space
-from tests.conftest import tiny_spec
+from tests.conftest import ROOT, tiny_spec
 
 
 def _spec(methods, **sweep):
@@ -112,3 +117,118 @@ def test_resume_of_a_finished_run_reruns_nothing(grid_run):
     result = resume(grid_run.run_dir, log=lambda line: None)
     assert {p: p.stat().st_mtime_ns for p in (grid_run.run_dir / "evals").glob("*.parquet")} == files
     assert result.evals.num_rows == grid_run.evals.num_rows
+
+
+def _epochs_and_last_rows(rows: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
+    last: dict[str, dict] = {}
+    for row in rows:
+        if row["trial_id"] not in last or row["epoch"] > last[row["trial_id"]]["epoch"]:
+            last[row["trial_id"]] = row
+    return {trial: row["epoch"] for trial, row in last.items()}, last
+
+
+@pytest.mark.integration
+def test_asha_stops_the_bad_half_early(ray_local, tiny_cache, tmp_path):
+    """Two learning rates that move forget quality in the first epoch, then two (1e-9) that leave the
+    target as it was: ASHA stops the second pair at its first rung.
+
+    The metric is log10 forget quality: the tiny target's model utility is 0, so utility loss, and the
+    default score built on it, is undefined and every trial would tie. Two trials run at once and the good
+    pair comes first, so when a bad trial reaches the rung both good ones are recorded there: the cutoff
+    does not depend on which trial reports first. 4 epochs leave a stopped trial room to be killed
+    (it may finish another epoch meanwhile) before it could complete.
+    """
+    from orchestrator.api import run
+
+    spec = parse_spec(tiny_spec(
+        tiny_cache,
+        training={"epochs": 4, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 2},
+        sweep={"methods": [{"name": "ga", "space": {"lr": {"grid": [3e-3, 1e-3, 1e-9, 1e-9]}}}],
+               "scheduler": "asha", "metric": "log10_forget_quality", "grace_period": 1, "reduction_factor": 2,
+               "max_concurrent": 2},
+    ))
+    result = run(spec, run_dir=tmp_path / "run", log=lambda line: None)
+    rows = [r for r in result.evals.to_pylist() if r["method"] == "ga"]
+    epochs, last = _epochs_and_last_rows(rows)
+    lr = {trial: json.loads(row["params"])["lr"] for trial, row in last.items()}
+    bad = sorted(t for t in lr if lr[t] == 1e-9)
+    good = sorted(t for t in lr if lr[t] != 1e-9)
+    assert len(bad) == 2 and len(good) == 2
+    first_fq = {r["trial_id"]: r["forget_quality"] for r in rows if r["epoch"] == 1}
+    assert max(first_fq[t] for t in bad) < min(first_fq[t] for t in good)  # why ASHA tells them apart
+    assert all(last[t]["status"] == "stopped" for t in bad)
+    assert max(epochs[t] for t in bad) < min(epochs[t] for t in good)  # fewer epochs recorded for them
+    assert max(epochs[t] for t in good) == 4 and any(last[t]["status"] == "ok" for t in good)
+
+
+@pytest.mark.integration
+def test_optuna_multi_objective_sweep_runs(ray_local, tiny_cache, tmp_path):
+    """NSGA-II over (log10 FQ, utility loss) with the method itself a searched choice; the search algorithm,
+    OptunaSpace included, is pickled into the experiment's checkpoint. On this tiny benchmark utility loss
+    is undefined (the target's model utility is 0), so Optuna cannot be told the values (Tune logs it):
+    what is checked is that the sweep runs, samples within the space and writes a row per trial."""
+    import cloudpickle
+
+    from orchestrator.api import run
+    from orchestrator.sweep import OptunaSpace
+
+    spec = parse_spec(tiny_spec(
+        tiny_cache,
+        training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
+        sweep={"methods": [{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}},
+                           {"name": "npo", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}}],
+               "search": "optuna", "multi_objective": True, "num_samples": 3, "max_concurrent": 2},
+    ))
+    run_dir = tmp_path / "run"
+    result = run(spec, run_dir=run_dir, log=lambda line: None)
+    rows = [r for r in result.evals.to_pylist() if r["method"] in ("ga", "npo")]
+    assert len({r["trial_id"] for r in rows}) == 3
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["epoch"] == 1 for r in rows)
+    for r in rows:
+        assert r["forget_quality"] is not None and 1e-5 <= json.loads(r["params"])["lr"] <= 1e-3
+    assert result.ranking is not None
+    (state_file,) = (run_dir / "tune").glob("searcher-state-*.pkl")
+    state = cloudpickle.loads(state_file.read_bytes())
+    assert isinstance(_find_instance(state, OptunaSpace), OptunaSpace)
+
+
+def _find_instance(obj, cls, depth: int = 0):
+    """The first ``cls`` instance inside a pickled search-algorithm state (dicts, lists, attributes)."""
+    if isinstance(obj, cls):
+        return obj
+    if depth > 4:
+        return None
+    children = (list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple))
+                else list(vars(obj).values()) if hasattr(obj, "__dict__") else [])
+    for child in children:
+        found = _find_instance(child, cls, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+README_SCRIPT = re.compile(r"```python\n(# my_sweep\.py\n.*?)```", re.S)
+
+
+@pytest.mark.integration
+def test_readme_tuning_script_registers_and_sweeps_a_new_method(ray_local, tiny_cache, tmp_path):
+    """The README's script, as written, run against the tiny spec on this test's Ray cluster."""
+    script = README_SCRIPT.search((ROOT / "README.md").read_text()).group(1)
+    (tmp_path / "my_sweep.py").write_text(script)
+    spec = tiny_spec(tiny_cache, scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
+                     training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0})
+    spec["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+               PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    done = subprocess.run([sys.executable, "my_sweep.py", str(tmp_path / "tiny.yaml")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranking:" in done.stdout  # the script prints the run's summary
+    from orchestrator.results import read_evals
+
+    rows = [r for r in read_evals(tmp_path / "run").to_pylist() if r["method"] == "scaled_ga"]
+    assert sorted(json.loads(r["params"])["scale"] for r in rows) == [0.5, 1.0]  # its default space, swept
+    assert all(r["status"] == "ok" and r["forget_quality"] is not None for r in rows)
