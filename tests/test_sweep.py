@@ -93,6 +93,12 @@ def grid_run(ray_local, tiny_cache, tmp_path_factory):
 
 @pytest.mark.integration
 def test_grid_sweep_writes_one_final_row_per_trial(grid_run):
+    from orchestrator.results import EVALS_SCHEMA
+
+    assert set(EVALS_SCHEMA.names) <= set(grid_run.evals.column_names)
+    retain = next(r for r in grid_run.evals.to_pylist() if r["method"] == "retain")
+    assert retain["forget_quality"] == pytest.approx(1.0)  # the KS test of the retain model against itself
+    assert grid_run.ranking is not None and grid_run.ranking.num_rows >= 4
     rows = [r for r in grid_run.evals.to_pylist() if r["method"] not in ("target", "retain")]
     trials = {r["trial_id"] for r in rows}
     assert len(trials) == 4
