@@ -457,25 +457,17 @@ def ray_trial(config: dict[str, Any], storage: Path, name: str) -> ProcessRun:
 
 
 def start_ray(temp_dir: Path) -> None:
-    """A local cluster as the product starts one (its env defaults, the dashboard on), quiet on stdout.
-
-    Ray Train's placement-group cleaner (what frees the gang of a trial Tune stops, e.g. by ASHA) asks the
-    dashboard's state API; with no address it auto-detects the cluster and fails when another Ray runs on
-    the machine, so the gang's CPUs stay reserved and the sweep waits forever. Every process of this
-    cluster inherits its own dashboard address instead.
-    """
+    """A local cluster as the product starts one (its env defaults, the dashboard on, every process knowing
+    its address: see ``api.start_local_ray``), quiet on stdout."""
     import ray
 
-    from orchestrator.api import RAY_ENV_DEFAULTS
+    from orchestrator.api import RAY_ENV_DEFAULTS, start_local_ray
 
     if ray.is_initialized():
         return
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=str(temp_dir), log_to_driver=False)
+    start_local_ray(os.cpu_count(), _temp_dir=str(temp_dir), log_to_driver=False)
 
 
 # ---------------------------------------------------------------- the measurements

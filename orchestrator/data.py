@@ -459,13 +459,20 @@ def _check_unique_id(row: dict, where: str, number: int, seen: dict[Any, int]) -
     seen[row_id] = number
 
 
-def check_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,
-                 holdout_split: str) -> None:
-    """The splits a run needs exist, the forget split can score a truth ratio, and it is not the whole data."""
+def _require_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,
+                    holdout_split: str) -> str:
+    """The three role splits exist; returns the available split names, for further messages."""
     available = ", ".join(sorted(benchmark)) or "none"
     for role, name in (("forget_split", forget_split), ("retain_split", retain_split), ("holdout_split", holdout_split)):
         if name not in benchmark:
             raise DataError(f"{role}: split '{name}' not in the data (available: {available})")
+    return available
+
+
+def check_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,
+                 holdout_split: str) -> None:
+    """The splits a run needs exist, the forget split can score a truth ratio, and it is not the whole data."""
+    _require_splits(benchmark, forget_split, retain_split, holdout_split)
     forget, retain = benchmark[forget_split], benchmark[retain_split]
     validate_split(forget, forget_split, require_perturbed=True)
     for index, row in enumerate(forget):
@@ -481,10 +488,8 @@ def check_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, ret
 def check_muse_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,
                       holdout_split: str) -> None:
     """The text splits a MUSE run trains and scores on exist and hold documents, and KnowMem is there."""
-    available = ", ".join(sorted(benchmark)) or "none"
-    for role, name in (("forget_split", forget_split), ("retain_split", retain_split), ("holdout_split", holdout_split)):
-        if name not in benchmark:
-            raise DataError(f"{role}: split '{name}' not in the data (available: {available})")
+    available = _require_splits(benchmark, forget_split, retain_split, holdout_split)
+    for name in (forget_split, retain_split, holdout_split):
         validate_text_split(benchmark[name], name)
     for name in ("knowmem_forget", "knowmem_retain"):
         if name not in benchmark:
