@@ -1,10 +1,11 @@
 """The GPU path without Ray: NPO and ULD on a random-weight Llama through the real torchrun entry.
 
     python -m orchestrator.gpu_check --out DIR [--config-size 1b|tiny] [--steps N] [--dtype D] [--offload]
+        [--zero-stage 2|3] [--authors N] [--no-generation] [--model-dir DIR]
 
 Builds a tokenizer and a random-weight Llama (``1b``: hidden 2048, 16 layers, 32 heads, 8 KV heads,
 intermediate 8192, vocab 32000; ``tiny``: a CPU-sized one) into DIR, writes one trial config per method
-(ZeRO-3, one worker, N epochs of exactly one optimizer step each over the embedded forget set, evaluation
+(ZeRO-3 unless --zero-stage 2, one worker, N epochs of exactly one optimizer step each over the embedded forget set, evaluation
 after the last epoch only), runs ``torchrun --nproc-per-node 1 -m orchestrator.worker CONFIG.json`` per
 method and writes DIR/gpu_check.json and DIR/gpu_check.md: tokens/s, MFU against a bf16 (or the run's
 dtype) matmul peak timed on the same device in the same run, and peak memory.
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
 
 # ---------------------------------------------------------------- the spec, the model, the trial configs
 def check_spec(size: CheckSize, model_dir: Path, cache_dir: Path, steps: int, dtype: str, offload: bool,
-               use_gpu: bool, threads: int):
+               use_gpu: bool, threads: int, zero_stage: int = 3):
     """A validated JobSpec for the check (parse_spec fills every default the worker reads)."""
     from orchestrator.spec import parse_spec
 
@@ -82,7 +84,7 @@ def check_spec(size: CheckSize, model_dir: Path, cache_dir: Path, steps: int, dt
         "model": {"target": str(model_dir), "dtype": dtype, "prompt_template": "embedded"},
         "prepare": {"cache_dir": str(cache_dir)},
         "training": {"epochs": steps, "max_length": 128, "warmup_epochs": 0},
-        "scaling": {"num_workers": 1, "use_gpu": use_gpu, "zero_stage": 3, "offload": offload,
+        "scaling": {"num_workers": 1, "use_gpu": use_gpu, "zero_stage": zero_stage, "offload": offload,
                     "threads_per_worker": threads},
         "evaluation": {"every": 0, "batch_size": 16, "generation": size.generation,
                        "max_new_tokens": size.max_new_tokens, "verbmem_prefix_tokens": 8,
@@ -105,7 +107,8 @@ def llama_config(size: CheckSize, tokenizer):
 
 
 def build_model_dir(spec, size: CheckSize, directory: Path, dtype: str) -> Path:
-    """Tokenizer (BPE on the benchmark's strings) and a seeded random-weight Llama, saved side by side."""
+    """Tokenizer (BPE on the benchmark's strings) and a seeded random-weight Llama, saved side by side;
+    a directory that already holds both (an earlier check of the same size, --model-dir) is reused."""
     from transformers import LlamaForCausalLM
 
     from orchestrator.data import load_benchmark
@@ -113,6 +116,8 @@ def build_model_dir(spec, size: CheckSize, directory: Path, dtype: str) -> Path:
     from orchestrator.prepare import benchmark_config
     from orchestrator.tokenizer import benchmark_texts, train_tokenizer
 
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
     bench = benchmark_config(spec)
     data = load_benchmark(bench["source"], **bench["generator"])
     tokenizer = train_tokenizer(benchmark_texts(data, spec.model.prompt_template), min(size.vocab_size, 4096))
@@ -380,28 +385,35 @@ def peak_memory(device: torch.device, run: TorchrunResult, sampled: DeviceMemory
 
 
 def run_check(out: Path, size_name: str, steps: int, dtype: str | None, offload: bool,
-              timeout: float = 600) -> dict[str, Any]:
-    """Build, run NPO and ULD, write gpu_check.json and gpu_check.md; returns the summary."""
+              timeout: float = 600, zero_stage: int = 3, authors: int | None = None, generation: bool = True,
+              model_dir: Path | None = None) -> dict[str, Any]:
+    """Build (or reuse ``model_dir``), run NPO and ULD, write gpu_check.json and gpu_check.md; returns the
+    summary. ``authors`` scales the embedded benchmark, hence the tokens of each (whole-epoch) step."""
     from orchestrator.models import DTYPES
 
     if size_name not in SIZES:
         raise ValueError(f"--config-size: expected one of {', '.join(SIZES)}, got {size_name!r}")
     if steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {steps}")
+    if authors is not None and authors < 10:
+        raise ValueError(f"--authors must be ≥ 10 (forget10 takes a tenth of them), got {authors}")
     use_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     dtype = dtype or "bfloat16"
-    size, threads = SIZES[size_name], 1 if not use_gpu else 4
+    size = dataclasses.replace(SIZES[size_name], num_authors=authors or SIZES[size_name].num_authors,
+                               generation=generation and SIZES[size_name].generation)
+    threads = 1 if not use_gpu else 4
     out = out.resolve()
-    model_dir = out / "model"
-    spec = check_spec(size, model_dir, out / "cache", steps, dtype, offload, use_gpu, threads)
+    model_dir = (model_dir or out / "model").resolve()
+    spec = check_spec(size, model_dir, out / "cache", steps, dtype, offload, use_gpu, threads, zero_stage)
     build_model_dir(spec, size, model_dir, dtype)
     torch.set_num_threads(threads)  # the peak at the worker's thread count
     peak = matmul_peak(size.matmul_size, DTYPES[dtype], device)
     if use_gpu:
         torch.cuda.empty_cache()
     summary: dict[str, Any] = {
-        "machine": machine_description(), "device": str(device), "dtype": dtype, "zero_stage": 3, "offload": offload,
+        "machine": machine_description(), "device": str(device), "dtype": dtype, "zero_stage": zero_stage,
+        "offload": offload, "authors": size.num_authors, "generation": size.generation,
         "backend": "nccl" if use_gpu else "gloo", "fused_adamw": use_gpu and not offload, "world_size": 1,
         "config_size": size_name, "steps": steps, "threads_per_worker": threads,
         "matmul_peak_flops": peak, "matmul_peak": f"{size.matmul_size}² {dtype} torch.mm on {device}",
@@ -429,7 +441,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"# GPU-path check — {summary['machine']}", "",
         f"torchrun, world size 1, {summary['backend']}, ZeRO-{summary['zero_stage']}"
         f"{' + CPU offload' if summary['offload'] else ''}, {summary['dtype']}, fused AdamW "
-        f"{'on' if summary['fused_adamw'] else 'off'}, {summary['config_size']} model, {summary['steps']} steps per method; "
+        f"{'on' if summary['fused_adamw'] else 'off'}, {summary['config_size']} model, {summary['steps']} steps per method, "
+        f"embedded benchmark of {summary['authors']} authors, evaluation "
+        f"{'with' if summary['generation'] else 'without'} generation; "
         f"peak {_figure(summary['matmul_peak_flops'], 1e12)} TFLOP/s ({summary['matmul_peak']}).", "",
         "| method | exit | status | tokens/s | FLOP/token | achieved TFLOP/s | MFU | peak memory (GiB) | memory measured as "
         "| evaluation generated |",
@@ -454,9 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (= epochs) per method; the first is warm-up")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default bfloat16")
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 parameter and optimizer offload to CPU")
+    parser.add_argument("--zero-stage", type=int, choices=[2, 3], default=3)
+    parser.add_argument("--authors", type=int, default=None,
+                        help="embedded benchmark size (default: the config size's); a step trains on a tenth of them")
+    parser.add_argument("--no-generation", action="store_true", help="evaluate teacher-forced metrics only")
+    parser.add_argument("--model-dir", default=None, help="where the random-weight model is built, or reused from")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per torchrun")
     args = parser.parse_args(argv)
-    summary = run_check(Path(args.out), args.config_size, args.steps, args.dtype, args.offload, args.timeout)
+    summary = run_check(Path(args.out), args.config_size, args.steps, args.dtype, args.offload, args.timeout,
+                        args.zero_stage, args.authors, not args.no_generation,
+                        Path(args.model_dir) if args.model_dir else None)
     print(summary_markdown(summary))
     return 0 if all(m["returncode"] == 0 for m in summary["methods"].values()) else 1
 
