@@ -1,7 +1,7 @@
 """The GPU path without Ray: NPO and ULD on a random-weight Llama through the real torchrun entry.
 
     python -m orchestrator.gpu_check --out DIR [--config-size 1b|tiny] [--steps N] [--dtype D] [--offload]
-        [--zero-stage 2|3] [--authors N] [--no-generation] [--model-dir DIR]
+        [--zero-stage 2|3] [--authors N] [--no-generation] [--no-gather-weights] [--model-dir DIR]
 
 Builds a tokenizer and a random-weight Llama (``1b``: hidden 2048, 16 layers, 32 heads, 8 KV heads,
 intermediate 8192, vocab 32000; ``tiny``: a CPU-sized one) into DIR, writes one trial config per method
@@ -72,7 +72,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
 
 # ---------------------------------------------------------------- the spec, the model, the trial configs
 def check_spec(size: CheckSize, model_dir: Path, cache_dir: Path, steps: int, dtype: str, offload: bool,
-               use_gpu: bool, threads: int, zero_stage: int = 3):
+               use_gpu: bool, threads: int, zero_stage: int = 3, gather_weights: bool = True):
     """A validated JobSpec for the check (parse_spec fills every default the worker reads)."""
     from orchestrator.spec import parse_spec
 
@@ -88,7 +88,8 @@ def check_spec(size: CheckSize, model_dir: Path, cache_dir: Path, steps: int, dt
                     "threads_per_worker": threads},
         "evaluation": {"every": 0, "batch_size": 16, "generation": size.generation,
                        "max_new_tokens": size.max_new_tokens, "verbmem_prefix_tokens": 8,
-                       "verbmem_new_tokens": size.max_new_tokens, "knowmem_new_tokens": size.max_new_tokens},
+                       "verbmem_new_tokens": size.max_new_tokens, "knowmem_new_tokens": size.max_new_tokens,
+                       "gather_weights": gather_weights},
         "sweep": {"methods": [{"name": name} for name in METHODS]},
     }, "<gpu_check>")
 
@@ -386,7 +387,7 @@ def peak_memory(device: torch.device, run: TorchrunResult, sampled: DeviceMemory
 
 def run_check(out: Path, size_name: str, steps: int, dtype: str | None, offload: bool,
               timeout: float = 600, zero_stage: int = 3, authors: int | None = None, generation: bool = True,
-              model_dir: Path | None = None) -> dict[str, Any]:
+              model_dir: Path | None = None, gather_weights: bool = True) -> dict[str, Any]:
     """Build (or reuse ``model_dir``), run NPO and ULD, write gpu_check.json and gpu_check.md; returns the
     summary. ``authors`` scales the embedded benchmark, hence the tokens of each (whole-epoch) step."""
     from orchestrator.models import DTYPES
@@ -405,7 +406,8 @@ def run_check(out: Path, size_name: str, steps: int, dtype: str | None, offload:
     threads = 1 if not use_gpu else 4
     out = out.resolve()
     model_dir = (model_dir or out / "model").resolve()
-    spec = check_spec(size, model_dir, out / "cache", steps, dtype, offload, use_gpu, threads, zero_stage)
+    spec = check_spec(size, model_dir, out / "cache", steps, dtype, offload, use_gpu, threads, zero_stage,
+                      gather_weights)
     build_model_dir(spec, size, model_dir, dtype)
     torch.set_num_threads(threads)  # the peak at the worker's thread count
     peak = matmul_peak(size.matmul_size, DTYPES[dtype], device)
@@ -414,6 +416,7 @@ def run_check(out: Path, size_name: str, steps: int, dtype: str | None, offload:
     summary: dict[str, Any] = {
         "machine": machine_description(), "device": str(device), "dtype": dtype, "zero_stage": zero_stage,
         "offload": offload, "authors": size.num_authors, "generation": size.generation,
+        "gather_weights": gather_weights,
         "backend": "nccl" if use_gpu else "gloo", "fused_adamw": use_gpu and not offload, "world_size": 1,
         "config_size": size_name, "steps": steps, "threads_per_worker": threads,
         "matmul_peak_flops": peak, "matmul_peak": f"{size.matmul_size}² {dtype} torch.mm on {device}",
@@ -443,17 +446,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"{' + CPU offload' if summary['offload'] else ''}, {summary['dtype']}, fused AdamW "
         f"{'on' if summary['fused_adamw'] else 'off'}, {summary['config_size']} model, {summary['steps']} steps per method, "
         f"embedded benchmark of {summary['authors']} authors, evaluation "
-        f"{'with' if summary['generation'] else 'without'} generation; "
+        f"{'with' if summary['generation'] else 'without'} generation"
+        f"{', weights gathered once' if summary['gather_weights'] and summary['zero_stage'] == 3 else ''}; "
         f"peak {_figure(summary['matmul_peak_flops'], 1e12)} TFLOP/s ({summary['matmul_peak']}).", "",
         "| method | exit | status | tokens/s | FLOP/token | achieved TFLOP/s | MFU | peak memory (GiB) | memory measured as "
-        "| evaluation generated |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| evaluation generated | evaluation s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in summary["methods"].values():
         lines.append(f"| {m['method']} | {m['returncode']} | {m.get('status')} | {_figure(m.get('tokens_per_second'))} | "
                      f"{_figure(m['flops_per_token'])} | {_figure(m.get('achieved_flops'), 1e12)} | "
                      f"{_figure(m.get('mfu'), 0.01, 3)} % | {_figure(m.get('peak_memory_bytes'), GIB)} | "
-                     f"{m.get('peak_memory_source')} | {'yes' if m.get('generated') else 'no'} |")
+                     f"{m.get('peak_memory_source')} | {'yes' if m.get('generated') else 'no'} | {_figure(m.get('eval_seconds'), 1.0, 3)} |")
     lines += ["", "tokens/s: median over epochs after the first of the worker's epoch tokens / train seconds "
               "(one optimizer step per epoch). FLOP/token: 6·N_trainable + 12·L·H·T + 4·N_frozen of the trained "
               "module (NPO: the model; ULD: the LoRA assistant), excluding NPO's reference forward. "
@@ -472,12 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authors", type=int, default=None,
                         help="embedded benchmark size (default: the config size's); a step trains on a tenth of them")
     parser.add_argument("--no-generation", action="store_true", help="evaluate teacher-forced metrics only")
+    parser.add_argument("--no-gather-weights", action="store_true",
+                        help="evaluate with ZeRO-3's per-layer gathers (evaluation.gather_weights: false)")
     parser.add_argument("--model-dir", default=None, help="where the random-weight model is built, or reused from")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per torchrun")
     args = parser.parse_args(argv)
     summary = run_check(Path(args.out), args.config_size, args.steps, args.dtype, args.offload, args.timeout,
                         args.zero_stage, args.authors, not args.no_generation,
-                        Path(args.model_dir) if args.model_dir else None)
+                        Path(args.model_dir) if args.model_dir else None, not args.no_gather_weights)
     print(summary_markdown(summary))
     return 0 if all(m["returncode"] == 0 for m in summary["methods"].values()) else 1
 

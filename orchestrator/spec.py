@@ -149,6 +149,9 @@ class EvaluationSpec(_Strict):
     verbmem_prefix_tokens: int = Field(32, ge=1)
     verbmem_new_tokens: int = Field(128, ge=1)
     knowmem_new_tokens: int = Field(32, ge=1)
+    # ZeRO-3: gather each model's whole weights once per evaluation instead of layer by layer at every
+    # generated token (every rank then holds a full copy while it evaluates; false when one cannot).
+    gather_weights: bool = True
 
 
 class MethodEntry(_Strict):

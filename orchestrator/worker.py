@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -121,7 +121,22 @@ def frozen_copy(reference: str, model_cfg: dict, stage: int, world_size: int, de
     config = deepspeed_config(3, 1, 1, world_size, model_cfg["dtype"], False, 0.0)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.module.eval()
+    # Beside the module's attributes, not a submodule: evaluation gathers the weights through the engine.
+    engine.module.__dict__["zero3_engine"] = engine
     return engine.module
+
+
+@contextmanager
+def whole_weights(engines: list) -> Any:
+    """ZeRO-3 evaluation: each engine's weights gathered once and its per-layer gather hooks lifted
+    (DeepSpeed's unwrap_model_for_generation), so a generated token costs no all-gather; re-partitioned
+    and hooked again on exit. Every rank holds a full copy of each model meanwhile."""
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with ExitStack() as stack:
+        for engine in engines:
+            stack.enter_context(unwrap_model_for_generation(engine))
+        yield
 
 
 def trainable_parameters(module: torch.nn.Module, method: UnlearningMethod) -> list[torch.nn.Parameter]:
@@ -389,7 +404,10 @@ def _evaluate(config, ctx, engine, target, method, tokenizer, data):
     retain_reference = None
     if refs.get("retain_stats"):  # the retain model's reference evaluation (prepare writes it)
         retain_reference = ReferenceStats.from_json(json.dumps(json.loads(Path(refs["retain_stats"]).read_text())["reference"]))
-    with torch.no_grad():
+    gathered = []
+    if int(config["scaling"]["zero_stage"]) == 3 and config["evaluation"].get("gather_weights", True):
+        gathered = [engine] + ([target.zero3_engine] if hasattr(target, "zero3_engine") else [])
+    with torch.no_grad(), whole_weights(gathered):
         result = evaluate(
             scorer, tokenizer, data, eval_config(config), forget_split=config["benchmark"]["forget_split"],
             retain_split=config["benchmark"]["retain_split"], holdout_split=config["benchmark"]["holdout_split"],
@@ -421,7 +439,7 @@ def _write_reference_evaluation(config, ctx, engine, method, tokenizer, data) ->
 def eval_config(config: dict[str, Any]):
     from orchestrator.evaluation.suite import EvalConfig
 
-    options = {k: v for k, v in config["evaluation"].items() if k != "every"}
+    options = {k: v for k, v in config["evaluation"].items() if k not in ("every", "gather_weights")}
     return EvalConfig(template=config["model"]["prompt_template"], max_length=config["training"]["max_length"], **options)
 
 

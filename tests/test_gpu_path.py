@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,77 @@ def test_gpu_check_runs_npo_and_uld_with_zero3_through_torchrun_on_cpu(tmp_path)
         for figure in ("tokens_per_second", "mfu", "peak_memory_bytes", "host_peak_rss_bytes"):
             assert math.isfinite(result[figure]) and result[figure] > 0, (method, figure, result[figure])
     assert "| npo | 0 | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+# ---------------------------------------------------------------- ZeRO-3 evaluation with gathered weights
+def _gathered_evaluation_worker(rank: int, port: int, out_dir: str) -> None:
+    """One gloo rank of a 2-rank ZeRO-3 gang: the same model trained by two engines, one of which
+    evaluates under ``whole_weights`` between its two steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from orchestrator.models import build_embedded_model
+    from orchestrator.worker import whole_weights
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    # Threshold 0: no parameter is persistent, so every one is partitioned outside the context.
+    config = dict(deepspeed_config(3, 2, 1, 2, "float32", False, 1.0),
+                  zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0})
+    engines = []
+    for _ in range(2):
+        model = build_embedded_model(400, 32, 2, 2, 64, 128, seed=0)
+        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters(),
+                                          optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+        engines.append(engine)
+    ids = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(rank))
+    report: dict = {}
+
+    def train_step(engine) -> float:
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        return float(loss)
+
+    losses = {"gathered": [train_step(engines[0])], "plain": [train_step(engines[1])]}
+    with torch.no_grad():
+        hooked = engines[0].module(input_ids=ids).logits
+        with whole_weights([engines[0]]):
+            report["available_inside"] = all(p.ds_status == ZeroParamStatus.AVAILABLE
+                                             for p in engines[0].module.parameters())
+            gathered = engines[0].module(input_ids=ids).logits
+    report["same_logits"] = bool(torch.allclose(hooked, gathered, atol=1e-6))
+    report["partitioned_after"] = all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+                                      for p in engines[0].module.parameters())
+    losses["gathered"].append(train_step(engines[0]))
+    losses["plain"].append(train_step(engines[1]))
+    # And the step after it leaves every weight partitioned again.
+    report["partitioned_after_step"] = all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+                                           for p in engines[0].module.parameters())
+    report["losses"] = losses
+    finals = []
+    for engine in engines:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            finals.append(torch.cat([p.detach().flatten().clone() for p in engine.module.parameters()]))
+    report["max_parameter_difference"] = float((finals[0] - finals[1]).abs().max())
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.integration  # two spawned gloo processes, ~1 min on 2 cores
+def test_zero3_evaluation_gathers_once_and_leaves_training_unchanged(tmp_path):
+    """Inside whole_weights every weight is whole and the logits equal the per-layer-gather forward;
+    afterwards the weights are partitioned again, also after the next step, which matches an engine that
+    never gathered."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gathered_evaluation_worker, args=(gpu_check.free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["available_inside"] and report["same_logits"] and report["partitioned_after"], report
+        assert report["partitioned_after_step"], report
+        assert report["losses"]["gathered"] == pytest.approx(report["losses"]["plain"], abs=1e-6)
+        assert report["max_parameter_difference"] < 1e-6
