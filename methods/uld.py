@@ -70,11 +70,14 @@ class ULD(UnlearningMethod):
         "alpha": {"choice": [0.5, 0.75, 1.0]},
         # 0 = a quarter of the target's depth; 2 stays valid for any target with at least 2 layers.
         "assistant_layers": {"choice": [0, 2]},
-        "retain_weight": {"choice": [5.0, 6.5]},
+        # 2.0 beside the paper's and the repo's: on the embedded benchmark a lighter uniform term let the
+        # assistant separate forget from retain answers (higher FQ at the same alpha).
+        "retain_weight": {"choice": [2.0, 5.0, 6.5]},
         "lora_rank": {"choice": [16, 32]},
-        # The paper trains the LoRA assistant at 1e-3.
+        # The paper trains the LoRA assistant at 1e-3; on small targets 3e-3 over 20 epochs was needed
+        # before the assistant remembered the forget answers at all.
         "lr": {"loguniform": [3e-4, 3e-3]},
-        "epochs": {"choice": [5, 10]},
+        "epochs": {"choice": [5, 10, 20]},
     }
 
     def objectives(self, inputs: MethodInputs) -> dict[str, torch.Tensor]:
