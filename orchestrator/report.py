@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,23 +147,47 @@ def _method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
     return {m: dict(color=colours[i % 10], marker=_MARKERS[i % len(_MARKERS)]) for i, m in enumerate(sorted(methods))}
 
 
+@dataclass(frozen=True)
+class _ForgetMetric:
+    """What the figures put on the forget axis: FQ for TOFU runs, VerbMem for MUSE ones (no FQ there)."""
+
+    column: str
+    label: str
+    short: str
+    log: bool  # FQ spans orders of magnitude; VerbMem is a fraction
+
+
+_FORGET_METRICS = {
+    "tofu": _ForgetMetric("forget_quality", "forget quality  (KS p-value, higher is better)", "forget quality", True),
+    "muse": _ForgetMetric("verbmem_forget", "VerbMem on the forget set  (ROUGE-L F1, lower is better)", "VerbMem", False),
+}
+
+
+def _forget_metric(table: pa.Table) -> _ForgetMetric:
+    from orchestrator.compare import benchmark_kind  # deferred: compare imports this module
+
+    return _FORGET_METRICS[benchmark_kind(table)]
+
+
 def _fq_floor(values: list[float]) -> float:
     """Where FQ = 0 (an underflowed p-value) is drawn on the log axis: a decade below the smallest positive."""
     positive = [v for v in values if v > 0]
     return min(positive) / 10 if positive else 1e-300
 
 
-def _measured(row: dict[str, Any]) -> bool:
-    fq, loss = row.get("forget_quality"), row.get("utility_loss")
-    return fq is not None and loss is not None and not math.isnan(fq) and not math.isnan(loss)
+def _measured(row: dict[str, Any], column: str) -> bool:
+    forget, loss = row.get(column), row.get("utility_loss")
+    return forget is not None and loss is not None and not math.isnan(forget) and not math.isnan(loss)
 
 
 def plot_fq_vs_utility_loss(ranked: pa.Table, utility_ceiling: float, path: str | os.PathLike) -> Path:
-    """Scatter of each trial's best epoch (x utility loss, y FQ on a log axis) with the Pareto front."""
-    rows = [row for row in ranked.to_pylist() if _measured(row)]
+    """Scatter of each trial's best epoch (x utility loss, y FQ on a log axis, or VerbMem for MUSE runs)
+    with the Pareto front."""
+    metric = _forget_metric(ranked)
+    rows = [row for row in ranked.to_pylist() if _measured(row, metric.column)]
     trials = [row for row in rows if not row["reference"]]
-    floor = _fq_floor([row["forget_quality"] for row in rows])
-    fq = lambda row: max(row["forget_quality"], floor)  # noqa: E731
+    floor = _fq_floor([row[metric.column] for row in rows]) if metric.log else -math.inf
+    fq = lambda row: max(row[metric.column], floor)  # noqa: E731
     fig = Figure(figsize=(8, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -181,13 +206,13 @@ def plot_fq_vs_utility_loss(ranked: pa.Table, utility_ceiling: float, path: str 
         ax.scatter([row["utility_loss"]], [fq(row)], zorder=3, **style)
         ax.annotate(row["method"], (row["utility_loss"], fq(row)), textcoords="offset points", xytext=(6, 6))
     ax.axvline(utility_ceiling, ls="--", color="tab:red", lw=1, label=f"utility-loss ceiling {utility_ceiling:g}")
-    if rows:
+    if rows and metric.log:
         ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no trial with measured FQ and utility loss", transform=ax.transAxes, ha="center")
+    elif not rows:
+        ax.text(0.5, 0.5, f"no trial with measured {metric.short} and utility loss", transform=ax.transAxes, ha="center")
     ax.set_xlabel("utility loss  (1 - MU / MU_target, lower is better)")
-    ax.set_ylabel("forget quality  (KS p-value, higher is better)")
-    ax.set_title("Forget quality vs utility loss (best epoch per trial)")
+    ax.set_ylabel(metric.label)
+    ax.set_title(f"{metric.short[0].upper()}{metric.short[1:]} vs utility loss (best epoch per trial)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -207,26 +232,29 @@ def _nan_for_none(value: Any) -> float:
 
 
 def plot_learning_curves(evals: pa.Table, path: str | os.PathLike) -> Path:
-    """Per method one row of two subplots, FQ (log) and MU over epochs, one line per trial."""
+    """Per method one row of two subplots, FQ (log; VerbMem for MUSE runs) and MU over epochs, one line
+    per trial."""
+    metric = _forget_metric(evals)
     references = {row["method"]: row for row in evals.to_pylist() if row["method"] in _REFERENCE_STYLE}
     methods = sorted({m for m in evals.column("method").to_pylist() if m not in _REFERENCE_STYLE})
     fig = Figure(figsize=(10, 2.6 * max(len(methods), 1)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(max(len(methods), 1), 2, squeeze=False)
     styles = _method_styles(methods)
-    floor = _fq_floor([v for v in evals.column("forget_quality").to_pylist() if v is not None and not math.isnan(v)])
+    measured = [v for v in evals.column(metric.column).to_pylist() if v is not None and not math.isnan(v)]
+    floor = _fq_floor(measured) if metric.log else -math.inf
     for (ax_fq, ax_mu), method in zip(axes, methods):
         curves = _curves_by_trial(evals, method)
         for (run_id, trial_id), rows in curves.items():
             label = str(trial_id) if len(curves) <= 8 else None  # a legend of dozens of trials helps no one
             epochs = [r["epoch"] for r in rows]
-            fq = [max(_nan_for_none(r["forget_quality"]), floor) for r in rows]  # max(nan, x) keeps nan
+            fq = [max(_nan_for_none(r[metric.column]), floor) for r in rows]  # max(nan, x) keeps nan
             ax_fq.plot(epochs, fq, marker=styles[method]["marker"], ms=3, lw=1, label=label)
             ax_mu.plot(epochs, [_nan_for_none(r["model_utility"]) for r in rows], marker=styles[method]["marker"], ms=3, lw=1)
-        _draw_reference_levels(ax_fq, ax_mu, references)
-        if any(v > 0 for line in ax_fq.get_lines() for v in line.get_ydata() if not math.isnan(v)):
+        _draw_reference_levels(ax_fq, ax_mu, references, metric)
+        if metric.log and any(v > 0 for line in ax_fq.get_lines() for v in line.get_ydata() if not math.isnan(v)):
             ax_fq.set_yscale("log")
-        ax_fq.set_title(f"{method}: forget quality", fontsize=9)
+        ax_fq.set_title(f"{method}: {metric.short}", fontsize=9)
         ax_mu.set_title(f"{method}: model utility", fontsize=9)
         for ax in (ax_fq, ax_mu):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -240,13 +268,13 @@ def plot_learning_curves(evals: pa.Table, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def _draw_reference_levels(ax_fq: Any, ax_mu: Any, references: dict[str, dict[str, Any]]) -> None:
+def _draw_reference_levels(ax_fq: Any, ax_mu: Any, references: dict[str, dict[str, Any]], metric: _ForgetMetric) -> None:
     """Horizontal lines at the target's and retain model's values, the two ends of the trade-off."""
     for method, row in references.items():
         colour = _REFERENCE_STYLE[method]["color"]
-        for ax, column in ((ax_fq, "forget_quality"), (ax_mu, "model_utility")):
+        for ax, column in ((ax_fq, metric.column), (ax_mu, "model_utility")):
             value = row.get(column)
-            if value is not None and not math.isnan(value) and (column != "forget_quality" or value > 0):
+            if value is not None and not math.isnan(value) and (column != metric.column or not metric.log or value > 0):
                 ax.axhline(value, color=colour, ls=":", lw=1, label=f"{method}")
 
 

@@ -319,3 +319,25 @@ def test_tofu_tables_stay_tofu_even_with_verbmem():
     with_verbmem = compare.rank_trials(compare.best_epochs(results.evals_table(rows)))
     plain = compare.rank_trials(compare.best_epochs(results.evals_table(_sweep_rows())))
     assert with_verbmem.column("trial_id").to_pylist() == plain.column("trial_id").to_pylist()
+
+
+def test_muse_figures_plot_verbmem_where_tofu_ones_plot_fq(tmp_path, monkeypatch):
+    """A MUSE run has no FQ: its scatter and learning curves show VerbMem (linear axis) instead."""
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    table = results.evals_table(_muse_rows())
+    ranked = compare.rank_trials(compare.best_epochs(table))
+    report.plot_fq_vs_utility_loss(ranked, 0.1, tmp_path / "scatter.png")
+    report.plot_learning_curves(table, tmp_path / "curves.png")
+    scatter = figures[0].axes[0]
+    plotted = sorted(round(float(y), 6) for points in scatter.collections for _, y in points.get_offsets())
+    measured = [r for r in ranked.to_pylist() if r["verbmem_forget"] is not None and not math.isnan(r["utility_loss"])]
+    assert plotted == sorted(round(r["verbmem_forget"], 6) for r in measured) and len(plotted) == 7
+    assert scatter.get_yscale() == "linear" and "VerbMem" in scatter.get_ylabel()
+    curves = {ax.get_title(): ax for ax in figures[1].axes}
+    ga_lines = [line for line in curves["ga: VerbMem"].get_lines() if not line.get_label().startswith(("target", "retain"))]
+    assert (0.5, 0.1) in [tuple(line.get_ydata()) for line in ga_lines]  # trial "ga": epochs 1, 2
+    figures.clear()
+    report.plot_fq_vs_utility_loss(compare.rank_trials(compare.best_epochs(results.evals_table(_sweep_rows()))),
+                                   0.1, tmp_path / "tofu.png")
+    assert figures[0].axes[0].get_yscale() == "log" and "forget quality" in figures[0].axes[0].get_ylabel()
