@@ -137,6 +137,9 @@ class ScalingSpec(_Strict):
     zero_stage: int = Field(2, ge=0, le=3)
     offload: bool = False  # ZeRO-3 parameter/optimizer offload to CPU
     max_failures: int = Field(2, ge=0)  # worker crashes a trial survives (restarts from its checkpoint)
+    # Per-epoch checkpoints a trial keeps on disk, newest first (restarts and resume need only the newest;
+    # a 7B ZeRO checkpoint with Adam states is ~100 GB).
+    checkpoints_to_keep: int = Field(2, ge=1)
 
 
 class EvaluationSpec(_Strict):

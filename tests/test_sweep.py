@@ -166,6 +166,9 @@ def test_asha_stops_the_bad_half_early(ray_local, tiny_cache, tmp_path):
     assert all(last[t]["status"] == "stopped" for t in bad)
     assert max(epochs[t] for t in bad) < min(epochs[t] for t in good)  # fewer epochs recorded for them
     assert max(epochs[t] for t in good) == 4 and any(last[t]["status"] == "ok" for t in good)
+    # scaling.checkpoints_to_keep (2): older per-epoch checkpoints are deleted, also of the 4-epoch trials.
+    kept = {trial.name: len(list(trial.glob("checkpoint_2*"))) for trial in (tmp_path / "run" / "train").iterdir()}
+    assert len(kept) == 4 and all(1 <= n <= 2 for n in kept.values()), kept
 
 
 @pytest.mark.integration
