@@ -280,14 +280,26 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}"
 
 
-def matmul_peak_flops(n: int, repeats: int = 5) -> float:
-    """fp32 FLOP/s of one n×n @ n×n torch matmul (2n³ FLOPs) at the current thread count, median."""
+def matmul_peak_flops(n: int, repeats: int = 5, dtype: Any = None, device: Any = "cpu") -> float:
+    """FLOP/s of n×n @ n×n torch matmuls (2n³ FLOPs each) in ``dtype`` (default fp32) on ``device`` at the
+    current thread count, median of ``repeats`` timings. On CUDA each timing is 10 matmuls closed by a
+    synchronize (kernels launch asynchronously)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up: allocation and kernel selection
-    seconds, _ = median_seconds(lambda: torch.mm(a, b), repeats)
-    return 2.0 * n ** 3 / seconds
+    device = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    inner = 10 if device.type == "cuda" else 1
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # warm-up: allocation and kernel selection (cuBLAS autotuning)
+    seconds, _ = median_seconds(run, repeats)
+    return inner * 2.0 * n ** 3 / seconds
 
 
 # ---------------------------------------------------------------- processes without Ray

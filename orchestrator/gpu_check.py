@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench import (PROJECT_ROOT, epoch_costs, free_port, machine_description, median_seconds,
+from orchestrator.bench import (PROJECT_ROOT, epoch_costs, free_port, machine_description, matmul_peak_flops,
                                 steady_tokens_per_second, training_flops_per_token)
 
 GIB = 1024 ** 3
@@ -214,24 +214,6 @@ def model_flops_utilisation(tokens_per_second: float, flops_per_token: float, pe
     return tokens_per_second * flops_per_token / peak_flops
 
 
-def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """FLOP/s of n×n @ n×n matmuls (2n³ each) in ``dtype`` on ``device``, median of ``repeats`` timings.
-    On CUDA each timing is 10 matmuls closed by a synchronize (kernels launch asynchronously)."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    inner = 10 if device.type == "cuda" else 1
-
-    def run() -> None:
-        for _ in range(inner):
-            torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    run()  # warm-up: allocation, kernel selection (cuBLAS autotuning)
-    seconds, _ = median_seconds(run, repeats)
-    return inner * 2.0 * n ** 3 / seconds
-
-
 # ---------------------------------------------------------------- running the worker under torchrun
 class DeviceMemoryPeak:
     """Peak device memory in use on one GPU while a child runs, above what was in use before it started:
@@ -410,7 +392,7 @@ def run_check(out: Path, size_name: str, steps: int, dtype: str | None, offload:
                       gather_weights)
     build_model_dir(spec, size, model_dir, dtype)
     torch.set_num_threads(threads)  # the peak at the worker's thread count
-    peak = matmul_peak(size.matmul_size, DTYPES[dtype], device)
+    peak = matmul_peak_flops(size.matmul_size, dtype=DTYPES[dtype], device=device)
     if use_gpu:
         torch.cuda.empty_cache()
     summary: dict[str, Any] = {
