@@ -75,19 +75,43 @@ def _rank_cell(row: dict[str, Any]) -> str:
     return f"{row['rank']}*" if row.get("over_ceiling") else str(row["rank"])
 
 
-def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
-    """Headers and string cells of a ranking table (trials or methods), reference rows marked ``ref``."""
+@dataclass(frozen=True)
+class _ForgetMetric:
+    """How a run's forgetting is shown: FQ for TOFU runs, VerbMem for MUSE ones (no FQ there), in the
+    tables (with a companion column) and on the figures' forget axis."""
+
+    column: str
+    header: str
+    fmt: str
+    companion: tuple[str, str]  # (column, header) of the table's second forget number, formatted .3f
+    label: str  # the figures' axis label
+    short: str
+    log: bool  # FQ spans orders of magnitude; VerbMem is a fraction
+
+
+_FORGET_METRICS = {
+    "tofu": _ForgetMetric("forget_quality", "FQ", ".2e", ("forget_rouge", "forget ROUGE"),
+                          "forget quality  (KS p-value, higher is better)", "forget quality", True),
+    # MUSE has no FQ or forget ROUGE: VerbMem and KnowMem on forget questions take their place.
+    "muse": _ForgetMetric("verbmem_forget", "VerbMem", ".3f", ("knowmem_forget", "KnowMem forget"),
+                          "VerbMem on the forget set  (ROUGE-L F1, lower is better)", "VerbMem", False),
+}
+
+
+def _forget_metric(table: pa.Table) -> _ForgetMetric:
     from orchestrator.compare import benchmark_kind  # deferred: compare imports this module
 
+    return _FORGET_METRICS[benchmark_kind(table)]
+
+
+def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
+    """Headers and string cells of a ranking table (trials or methods), reference rows marked ``ref``."""
     rows = ranked.to_pylist()
     show_runs = len({row["run_id"] for row in rows}) > 1
     show_trials = "trials" in ranked.column_names
-    # MUSE has no FQ or forget ROUGE: its forget numbers (VerbMem, KnowMem on forget questions) take their place.
-    muse = benchmark_kind(ranked) == "muse"
-    forget_columns = (("verbmem_forget", "VerbMem", ".3f"), ("knowmem_forget", "KnowMem forget", ".3f")) if muse else (
-        ("forget_quality", "FQ", ".2e"), ("forget_rouge", "forget ROUGE", ".3f"))
+    metric = _forget_metric(ranked)
     headers = ["rank", "front"] + (["trials"] if show_trials else []) + (["run"] if show_runs else [])
-    headers += ["method", "params", "epoch", forget_columns[0][1], "MU", "util loss", forget_columns[1][1], "privleak",
+    headers += ["method", "params", "epoch", metric.header, "MU", "util loss", metric.companion[1], "privleak",
                 "worker-s", "status"]
     cells = []
     for row in rows:
@@ -97,10 +121,10 @@ def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
             str(row["method"]),
             "-" if row.get("reference") else compact_params(row.get("params")),
             f"{row['epoch']}/{row['epochs_evaluated']}",
-            _number(row.get(forget_columns[0][0]), forget_columns[0][2]),
+            _number(row.get(metric.column), metric.fmt),
             _number(row.get("model_utility"), ".3f"),
             _number(row.get("utility_loss"), ".3f"),
-            _number(row.get(forget_columns[1][0]), forget_columns[1][2]),
+            _number(row.get(metric.companion[0]), ".3f"),
             _number(row.get("privleak"), ".1f"),
             _number(row.get("worker_seconds"), ".1f"),
             str(row.get("status")),
@@ -145,28 +169,6 @@ def _method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
     """A fixed colour and marker per method (sorted by name) shared by both figures."""
     colours = [f"C{i}" for i in range(10)]
     return {m: dict(color=colours[i % 10], marker=_MARKERS[i % len(_MARKERS)]) for i, m in enumerate(sorted(methods))}
-
-
-@dataclass(frozen=True)
-class _ForgetMetric:
-    """What the figures put on the forget axis: FQ for TOFU runs, VerbMem for MUSE ones (no FQ there)."""
-
-    column: str
-    label: str
-    short: str
-    log: bool  # FQ spans orders of magnitude; VerbMem is a fraction
-
-
-_FORGET_METRICS = {
-    "tofu": _ForgetMetric("forget_quality", "forget quality  (KS p-value, higher is better)", "forget quality", True),
-    "muse": _ForgetMetric("verbmem_forget", "VerbMem on the forget set  (ROUGE-L F1, lower is better)", "VerbMem", False),
-}
-
-
-def _forget_metric(table: pa.Table) -> _ForgetMetric:
-    from orchestrator.compare import benchmark_kind  # deferred: compare imports this module
-
-    return _FORGET_METRICS[benchmark_kind(table)]
 
 
 def _fq_floor(values: list[float]) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.data import is_document
 from orchestrator.encoding import (
     IGNORE_INDEX,
     EncodedExample,
@@ -533,7 +534,7 @@ def _plan(data, tokenizer, config: EvalConfig, forget_split, retain_split, holdo
 
 def _is_documents(rows: list[Any]) -> bool:
     """MUSE text rows ({"text"}, no question) rather than question/answer rows."""
-    return isinstance(rows[0], dict) and "text" in rows[0] and "question" not in rows[0]
+    return isinstance(rows[0], dict) and is_document(rows[0])
 
 
 def _qa_splits(data, names: dict[str, str], config: EvalConfig) -> list[_QASplit]:
