@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,8 +85,9 @@ def _local_gpus() -> float:
 
 # ---------------------------------------------------------------- provenance
 def provenance() -> dict[str, Any]:
+    """Git SHA and library versions for every evals row (Ray's only where it is installed: the torchrun
+    GPU check runs without it)."""
     import deepspeed
-    import ray
     import torch
     import transformers
 
@@ -94,8 +96,12 @@ def provenance() -> dict[str, Any]:
                              timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    try:  # by its metadata: reading a version should not import Ray
+        versions["ray"] = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        pass
     return {"git_sha": sha, "versions": json.dumps(versions, sort_keys=True)}
 
 

@@ -130,22 +130,11 @@ def build_model_dir(spec, size: CheckSize, directory: Path, dtype: str) -> Path:
     return directory
 
 
-def provenance() -> dict[str, str]:
-    """api.provenance without Ray (a GPU box for this check may have none) and without git."""
-    import platform
-
-    import deepspeed
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
-    return {"git_sha": "unknown", "versions": json.dumps(versions, sort_keys=True)}
-
-
 def trial_config(spec, model_dir: Path, run_dir: Path, method: str, params: dict[str, Any], lr: float,
                  batch_size: int) -> dict[str, Any]:
     """What api.base_trial_config + a sweep trial give the worker (same keys; a test holds them equal),
     with no retain model: forget quality stays empty, every other metric is computed."""
+    from orchestrator.api import provenance
     from orchestrator.prepare import benchmark_config, evaluation_config, model_config
 
     base = {
