@@ -95,11 +95,12 @@ def test_live_gauges_set_the_latest_value_again_until_closed(monkeypatch):
 
     class FakeGauge:
         def set(self, value, tags):
-            sets.append((value, tags))
+            if tags == own_tags:  # the module's own LiveGauges may refresh an earlier test's series meanwhile
+                sets.append((value, tags))
 
     monkeypatch.setattr(telemetry, "_instrument", lambda name: FakeGauge())
     monkeypatch.setattr(telemetry, "ray_running", lambda: True)
-    tags = {"run_id": "r", "trial_id": "t", "method": "ga"}
+    tags = own_tags = {"run_id": "r", "trial_id": "t", "method": "ga"}
     gauges = telemetry.LiveGauges(refresh_s=0.01)
     gauges.set("unlearn_epoch", 1.0, tags)
     gauges.set("unlearn_epoch", 2.0, tags)
