@@ -180,8 +180,11 @@ class LiveGauges:
                 self._thread = threading.Thread(target=self._refresh, name="unlearn-telemetry", daemon=True)
                 self._thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop refreshing; once this returns no gauge is set again (unless Ray hangs for ``timeout_s``)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.refresh_s):

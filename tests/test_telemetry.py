@@ -106,7 +106,6 @@ def test_live_gauges_set_the_latest_value_again_until_closed(monkeypatch):
     gauges.set("unlearn_epoch", 2.0, tags)
     time.sleep(0.2)
     gauges.close()
-    time.sleep(0.05)
     count = len(sets)
     time.sleep(0.1)
     assert len(sets) == count  # closed: no more refreshes
