@@ -653,7 +653,8 @@ def load_hub(name: str, splits: Sequence[str]) -> dict[str, list[dict]]:
 # Split names the evaluation reads: text rows {"text"} and question rows {"question", "answer"}.
 MUSE_SPLITS = ("text_forget", "text_retain", "text_holdout", "knowmem_forget", "knowmem_retain")
 # MUSE's VerbMem set: {"prompt", "gt"} rows, a long forget-text prefix and its true 128-token continuation.
-MUSE_OPTIONAL_SPLITS = ("verbmem_forget",)
+VERBMEM_SPLIT = "verbmem_forget"
+MUSE_OPTIONAL_SPLITS = (VERBMEM_SPLIT,)
 _MUSE_TEXT_SPLITS = ("text_forget", "text_retain", "text_holdout")
 # Our split → (hub config, hub split) of muse-bench/MUSE-News and MUSE-Books. ``raw/retain1`` is the set
 # MUSE's methods regularise on; ``raw/retain2`` is kept back for its evaluation (``knowmem/retain_qa``).

@@ -416,3 +416,42 @@ def test_muse_documents_are_scored_as_text_with_knowmem_as_utility(setup):
     assert m["model_utility"] == m["knowmem_retain"] is not None
     assert m["utility_loss"] == pytest.approx(1 - m["knowmem_retain"] / 0.5)
     assert result.reference.forget_truth_ratios == [] and set(result.reference.mia_auc) == set(("loss", "zlib", "mink", "minkpp"))
+
+
+def _greedy_text(model, tokenizer, prompt: list[int], new_tokens: int) -> str:
+    """Greedy continuation by hand, one whole forward per token: text up to EOS, specials skipped."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == tokenizer.eos_token_id:
+                break
+    generated = [t for t in ids[len(prompt):] if t != tokenizer.eos_token_id]
+    return tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+
+def test_muse_verbmem_set_prompts_its_prompts_and_scores_against_its_continuations(setup):
+    model, tokenizer, data = setup
+    config = replace(CONFIG, max_length=24)  # room for 24 - 6 = 18 prompt tokens
+    forget_text = data["text_forget"][0]["text"]
+    short, long = forget_text[:40], forget_text  # the long prompt is cut to BOS + its last 17 tokens
+    short_ids = tokenizer(short)["input_ids"]
+    long_ids = tokenizer(long)["input_ids"]
+    assert len(short_ids) <= 18 < len(long_ids) and long_ids[0] == tokenizer.bos_token_id
+    kept = long_ids[:1] + long_ids[-17:]
+    own_short, own_long = _greedy_text(model, tokenizer, short_ids, 6), _greedy_text(model, tokenizer, kept, 6)
+    assert own_short and own_long != _greedy_text(model, tokenizer, long_ids[:18], 6)  # which end is cut shows
+    muse = dict(_muse_data(data), verbmem_forget=[
+        {"prompt": short, "gt": own_short},  # the model's own continuations: VerbMem 1 each
+        {"prompt": long, "gt": own_long},
+        {"prompt": short, "gt": "Lima walls stand tall"},
+    ])
+    with torch.no_grad():
+        result = evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
+                      retain_split="text_retain", holdout_split="text_holdout",
+                      retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+    samples = _sample_map(result)
+    other = M.rouge_l_f1(own_short, "Lima walls stand tall")
+    assert [samples[("verbmem_forget", i, "verbmem")] for i in range(3)] == pytest.approx([1.0, 1.0, other])
+    assert not [key for key in samples if key[0] == "text_forget" and key[2] == "verbmem"]  # not the fallback
+    assert result.metrics["verbmem_forget"] == pytest.approx((2.0 + other) / 3)

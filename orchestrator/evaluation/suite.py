@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.data import is_document
+from orchestrator.data import VERBMEM_SPLIT, is_document
 from orchestrator.encoding import (
     IGNORE_INDEX,
     EncodedExample,
@@ -53,8 +53,8 @@ class EvalConfig:
     template: str = "qa"  # encoding.PROMPT_TEMPLATES name or a format string with {question}
     mink_k: float = 0.4  # fraction of lowest tokens for Min-k% and Min-k%++
     retain_eval_size: int | None = None  # cap on retain examples; None: all of retain_perturbed if present, else as many as the forget split has
-    verbmem_prefix_tokens: int = 32  # MUSE VerbMem: prompt = first tokens of a forget paragraph
-    verbmem_new_tokens: int = 128  # ... compared with the next this-many tokens
+    verbmem_prefix_tokens: int = 32  # VerbMem without MUSE's verbmem_forget set: prompt = a forget text's first tokens
+    verbmem_new_tokens: int = 128  # VerbMem continuation length (the fallback compares as many true tokens)
     knowmem_new_tokens: int = 32  # MUSE KnowMem answer length
     privleak_attack: str = "mink"  # which MIA's AUC privleak compares (the reference uses Min-k%)
     generation: bool = True  # False: skip every generation metric (ROUGE, model utility, MUSE)
@@ -339,7 +339,24 @@ def _verbmem_generation(name: str, rows: list[Any], tokenizer, config: EvalConfi
             return None  # too short to have a continuation
         return full[:lead + cut], tokenizer.decode(continuation, skip_special_tokens=True).strip()
 
-    return _GenerationSplit("text_forget", name, len(rows), prepare, config.verbmem_new_tokens, M.rouge_l_f1, "verbmem")
+    return _GenerationSplit("verbmem", name, len(rows), prepare, config.verbmem_new_tokens, M.rouge_l_f1, "verbmem")
+
+
+def _verbmem_prompt_generation(name: str, rows: list[dict], tokenizer, config: EvalConfig) -> _GenerationSplit:
+    """MUSE's own VerbMem set (``verbmem/forget``): each row's ``prompt``, a forget-text prefix, prompts a
+    continuation compared with its ``gt``. A prompt longer than the context leaves room for the
+    continuation by dropping its oldest tokens (the BOS stays)."""
+    room = max(1, config.max_length - config.verbmem_new_tokens)
+
+    def prepare(index: int) -> tuple[list[int], str]:
+        row = rows[index]
+        full = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        lead = _leading_specials(full, tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        if len(full) > room:
+            full = full[:lead] + full[len(full) - max(1, room - lead):]
+        return full, str(row["gt"]).strip()
+
+    return _GenerationSplit("verbmem", name, len(rows), prepare, config.verbmem_new_tokens, M.rouge_l_f1, "verbmem")
 
 
 def _leading_specials(full: list[int], body: list[int]) -> int:
@@ -521,7 +538,11 @@ def _plan(data, tokenizer, config: EvalConfig, forget_split, retain_split, holdo
     if config.generation:
         generation = [_qa_generation(s.role, s, tokenizer, config, metric="rouge", max_new_tokens=config.max_new_tokens,
                                      similarity=M.rouge_l_recall) for s in qa if s.role != "holdout" and not s.text]
-        if "text_forget" in names:
+        if data.get(VERBMEM_SPLIT):  # MUSE's prompts and true continuations, as its evaluator scores them
+            names["verbmem"] = VERBMEM_SPLIT
+            generation.append(_verbmem_prompt_generation(VERBMEM_SPLIT, list(data[VERBMEM_SPLIT]), tokenizer, config))
+        elif "text_forget" in names:  # else continue the forget documents' first tokens
+            names["verbmem"] = names["text_forget"]
             generation.append(_verbmem_generation(names["text_forget"], list(data[names["text_forget"]]), tokenizer, config))
         for role in ("knowmem_forget", "knowmem_retain"):
             if role in names:
@@ -603,7 +624,7 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         wf_prob=mean("wf", "normalised_prob"), wf_rouge=mean("wf", "rouge"),
         extraction_strength=mean("forget", "extraction_strength"),
         exact_memorization=mean("forget", "exact_memorization"),
-        verbmem_forget=mean("text_forget", "verbmem"),
+        verbmem_forget=mean("verbmem", "verbmem"),
         knowmem_forget=mean("knowmem_forget", "knowmem"), knowmem_retain=mean("knowmem_retain", "knowmem"),
     )
     for role in ("retain", "ra", "wf"):
