@@ -111,7 +111,11 @@ def test_llama32_job_uses_open_unlearning_models():
     spec = load_job(JOBS_DIR / "tofu_llama32_1b_forget10.yaml")
     assert spec.model.target == "open-unlearning/tofu_Llama-3.2-1B-Instruct_full"
     assert spec.model.retain == "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90"
-    assert spec.model.prompt_template == "llama3"
+    assert spec.model.prompt_template == "llama3_tofu"  # open-unlearning's chat format for them, system turn included
+    prompt = PROMPT_TEMPLATES["llama3_tofu"].format(question="Who wrote it?")
+    assert "Today Date: 10 Apr 2025\n\nYou are a helpful assistant.<|eot_id|>" in prompt
+    assert prompt.endswith("<|start_header_id|>user<|end_header_id|>\n\nWho wrote it?<|eot_id|>"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert 2 <= spec.scaling.num_workers <= 4 and spec.scaling.zero_stage in (2, 3)
 
 
