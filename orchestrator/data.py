@@ -654,7 +654,9 @@ def load_hub(name: str, splits: Sequence[str]) -> dict[str, list[dict]]:
 MUSE_SPLITS = ("text_forget", "text_retain", "text_holdout", "knowmem_forget", "knowmem_retain")
 # MUSE's VerbMem set: {"prompt", "gt"} rows, a long forget-text prefix and its true 128-token continuation.
 VERBMEM_SPLIT = "verbmem_forget"
-MUSE_OPTIONAL_SPLITS = (VERBMEM_SPLIT,)
+# MUSE's solved KnowMem examples, put in front of every question of the split they name (in-context learning).
+KNOWMEM_EXAMPLE_SPLITS = {"knowmem_forget": "knowmem_forget_icl", "knowmem_retain": "knowmem_retain_icl"}
+MUSE_OPTIONAL_SPLITS = (VERBMEM_SPLIT, *KNOWMEM_EXAMPLE_SPLITS.values())
 _MUSE_TEXT_SPLITS = ("text_forget", "text_retain", "text_holdout")
 # Our split → (hub config, hub split) of muse-bench/MUSE-News and MUSE-Books. ``raw/retain1`` is the set
 # MUSE's methods regularise on; ``raw/retain2`` is kept back for its evaluation (``knowmem/retain_qa``).
@@ -665,6 +667,8 @@ MUSE_HUB_SPLITS = {
     "knowmem_forget": ("knowmem", "forget_qa"),
     "knowmem_retain": ("knowmem", "retain_qa"),
     "verbmem_forget": ("verbmem", "forget"),
+    "knowmem_forget_icl": ("knowmem", "forget_qa_icl"),
+    "knowmem_retain_icl": ("knowmem", "retain_qa_icl"),
 }
 # A local directory names a split either our way (text_forget.jsonl) or as the MUSE repository lays
 # out data/<corpus>/ (raw/forget.json, knowmem/retain2_qa.json, ...). The first stem that exists wins.
@@ -675,6 +679,8 @@ MUSE_LOCAL_STEMS = {
     "knowmem_forget": ("knowmem_forget", "knowmem/forget_qa"),
     "knowmem_retain": ("knowmem_retain", "knowmem/retain_qa", "knowmem/retain2_qa"),
     "verbmem_forget": ("verbmem_forget", "verbmem/forget"),
+    "knowmem_forget_icl": ("knowmem_forget_icl", "knowmem/forget_qa_icl"),
+    "knowmem_retain_icl": ("knowmem_retain_icl", "knowmem/retain_qa_icl", "knowmem/retain2_qa_icl"),
 }
 # Per stem, the first suffix that exists wins: MUSE ships raw/forget.json (one string per article)
 # beside raw/forget.txt (the same articles run together), and the JSON keeps the article boundaries.
@@ -684,7 +690,7 @@ _MUSE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 def load_muse(source: str, splits: Sequence[str] | None = None) -> dict[str, list[dict]]:
     """A MUSE corpus by split: ``text_forget``, ``text_retain``, ``text_holdout`` ({"text"} rows),
     ``knowmem_forget``, ``knowmem_retain`` ({"question", "answer"} rows) and, when present,
-    ``verbmem_forget`` ({"prompt", "gt"} rows).
+    ``verbmem_forget`` ({"prompt", "gt"} rows) and the KnowMem examples ``knowmem_*_icl``.
 
     ``source``: a local directory (see MUSE_LOCAL_STEMS; ``.txt`` files hold documents separated by
     blank lines, ``.json`` a list of rows or plain strings, ``.jsonl`` one per line) or a hub dataset

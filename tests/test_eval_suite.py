@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from orchestrator.encoding import encode_pair
+from orchestrator.encoding import encode_pair, encode_prompt
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.scorer import ModelScorer
 from orchestrator.evaluation.suite import (
@@ -455,3 +455,31 @@ def test_muse_verbmem_set_prompts_its_prompts_and_scores_against_its_continuatio
     assert [samples[("verbmem_forget", i, "verbmem")] for i in range(3)] == pytest.approx([1.0, 1.0, other])
     assert not [key for key in samples if key[0] == "text_forget" and key[2] == "verbmem"]  # not the fallback
     assert result.metrics["verbmem_forget"] == pytest.approx((2.0 + other) / 3)
+
+
+def test_muse_knowmem_puts_the_solved_examples_before_each_question(setup):
+    model, tokenizer, data = setup
+    examples = [{"question": "Which city has walls?", "answer": "Lima"}, {"question": "Who?", "answer": "Ann"}]
+    question = data["knowmem_forget"][0]["question"]
+    # MUSE's own prompt for the qa template, written out by hand.
+    prompt_text = ("Question: Which city has walls?\nAnswer: Lima\n\nQuestion: Who?\nAnswer: Ann\n\n"
+                   f"Question: {question}\nAnswer: ")
+
+    def answer(prompt: list[int]) -> str:  # greedy, cut at KnowMem's stop strings
+        text = _greedy_text(model, tokenizer, prompt, CONFIG.knowmem_new_tokens)
+        for word in KNOWMEM_STOPWORDS:
+            text = text.split(word)[0]
+        return text.strip()
+
+    own = answer(tokenizer(prompt_text)["input_ids"])
+    assert own and own != answer(encode_prompt(tokenizer, question, "qa"))  # the examples change the answer
+    muse = _muse_data(data)
+    muse["knowmem_forget"] = [dict(muse["knowmem_forget"][0], answer=own)] + muse["knowmem_forget"][1:]
+    muse["knowmem_forget_icl"] = examples
+    config = replace(CONFIG, template="qa")
+    with torch.no_grad():
+        result = evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
+                          retain_split="text_retain", holdout_split="text_holdout",
+                          retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+    samples = _sample_map(result)
+    assert samples[("knowmem_forget", 0, "knowmem")] == pytest.approx(1.0)  # its own answer after the examples

@@ -18,6 +18,8 @@ HOLDOUT_DOCS = ["The council met on Tuesday."]
 FORGET_QA = [{"question": "Who opened the bridge?", "answer": "The mayor"}]
 RETAIN_QA = [{"question": "What opened on Main Street?", "answer": "A new bakery"}]
 VERBMEM = [{"prompt": "The mayor opened", "gt": "the bridge."}]
+FORGET_ICL = [{"question": "What did the storm close?", "answer": "The port"}]
+RETAIN_ICL = [{"question": "What extended its hours?", "answer": "The library"}]
 
 
 def write_json(path, value) -> None:
@@ -51,6 +53,8 @@ def muse_repo_corpus(root):
     write_json(root / "knowmem" / "forget_qa.json", FORGET_QA)
     write_json(root / "knowmem" / "retain2_qa.json", RETAIN_QA)
     write_json(root / "verbmem" / "forget.json", VERBMEM)
+    write_json(root / "knowmem" / "forget_qa_icl.json", FORGET_ICL)
+    write_json(root / "knowmem" / "retain2_qa_icl.json", RETAIN_ICL)
     return root
 
 
@@ -61,7 +65,7 @@ def texts(rows):
 # ---------------------------------------------------------------- local layouts
 def test_flat_directory_gives_every_split_in_the_evaluation_schema(tmp_path):
     corpus = load_muse(str(flat_corpus(tmp_path)))
-    assert list(corpus) == list(MUSE_SPLITS)  # no verbmem file: the optional split is simply absent
+    assert list(corpus) == list(MUSE_SPLITS)  # no verbmem or example files: the optional splits are simply absent
     assert texts(corpus["text_forget"]) == FORGET_DOCS  # the inner newline stays, the blank line splits
     assert texts(corpus["text_retain"]) == RETAIN_DOCS
     assert corpus["text_holdout"] == [{"text": HOLDOUT_DOCS[0]}]
@@ -76,6 +80,7 @@ def test_muse_repository_layout_maps_raw_knowmem_and_verbmem(tmp_path):
     assert texts(corpus["text_holdout"]) == HOLDOUT_DOCS
     assert corpus["knowmem_retain"] == RETAIN_QA  # found under its old name retain2_qa
     assert corpus["verbmem_forget"] == VERBMEM
+    assert corpus["knowmem_forget_icl"] == FORGET_ICL and corpus["knowmem_retain_icl"] == RETAIN_ICL
 
 
 def test_txt_documents_split_on_blank_lines_only(tmp_path):
@@ -155,7 +160,8 @@ def test_hub_reads_muse_configs_and_splits(monkeypatch):
 
     served = {("raw", "forget"): [{"text": "f"}], ("raw", "retain1"): [{"text": "r"}],
               ("raw", "holdout"): [{"text": "h"}], ("knowmem", "forget_qa"): FORGET_QA,
-              ("knowmem", "retain_qa"): RETAIN_QA, ("verbmem", "forget"): VERBMEM}
+              ("knowmem", "retain_qa"): RETAIN_QA, ("verbmem", "forget"): VERBMEM,
+              ("knowmem", "forget_qa_icl"): FORGET_ICL, ("knowmem", "retain_qa_icl"): RETAIN_ICL}
     calls = []
 
     def fake_load_dataset(name, config, split):
@@ -166,7 +172,7 @@ def test_hub_reads_muse_configs_and_splits(monkeypatch):
     corpus = load_muse("muse-bench/MUSE-News")
     assert sorted(calls) == sorted(("muse-bench/MUSE-News", *key) for key in served)
     assert corpus["text_retain"] == [{"text": "r"}] and corpus["knowmem_retain"] == RETAIN_QA
-    assert corpus["verbmem_forget"] == VERBMEM
+    assert corpus["verbmem_forget"] == VERBMEM and corpus["knowmem_forget_icl"] == FORGET_ICL
 
 
 def test_unreachable_hub_is_a_one_line_error(monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.data import VERBMEM_SPLIT, is_document
+from orchestrator.data import KNOWMEM_EXAMPLE_SPLITS, VERBMEM_SPLIT, is_document
 from orchestrator.encoding import (
     IGNORE_INDEX,
     EncodedExample,
@@ -32,6 +32,7 @@ from orchestrator.encoding import (
     encode_prompt,
     encode_text,
     pad_id,
+    resolve_template,
 )
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.scorer import Scorer
@@ -314,11 +315,13 @@ def _generate_batch(ctx: _Context, items: list[tuple[_GenerationSplit, int]], ma
     return [None if p is None else next(scores) for p in prepared]
 
 
-def _qa_generation(role: str, split: _QASplit, tokenizer, config: EvalConfig, *, metric: str,
-                   max_new_tokens: int, similarity, stopwords: tuple[str, ...] = ()) -> _GenerationSplit:
+def _qa_generation(role: str, split: _QASplit, tokenizer, config: EvalConfig, *, metric: str, max_new_tokens: int,
+                   similarity, stopwords: tuple[str, ...] = (), prompt_template: str | None = None) -> _GenerationSplit:
+    """Greedy answers to a split's questions; ``prompt_template`` (default: the config's) prompts them."""
+
     def prepare(index: int) -> tuple[list[int], str]:
         row = split.rows[index]
-        prompt = encode_prompt(tokenizer, row["question"], config.template)
+        prompt = encode_prompt(tokenizer, row["question"], prompt_template or config.template)
         return prompt, _qa_reference_text(tokenizer, row["question"], row["answer"], config)
 
     return _GenerationSplit(role, split.name, len(split.rows), prepare, max_new_tokens, similarity, metric, stopwords)
@@ -342,10 +345,18 @@ def _verbmem_generation(name: str, rows: list[Any], tokenizer, config: EvalConfi
     return _GenerationSplit("verbmem", name, len(rows), prepare, config.verbmem_new_tokens, M.rouge_l_f1, "verbmem")
 
 
+def _with_examples(template: str, examples: list[dict]) -> str:
+    """MUSE's KnowMem prompt: the solved examples first, each as template + answer + a blank line, then the
+    question. With the ``qa`` template this is MUSE's own "Question: …\nAnswer: …\n\n" prefix."""
+    resolved = resolve_template(template)
+    shots = "".join(resolved.format(question=row["question"]) + row["answer"] + "\n\n" for row in examples)
+    return shots.replace("{", "{{").replace("}", "}}") + resolved
+
+
 def _verbmem_prompt_generation(name: str, rows: list[dict], tokenizer, config: EvalConfig) -> _GenerationSplit:
     """MUSE's own VerbMem set (``verbmem/forget``): each row's ``prompt``, a forget-text prefix, prompts a
-    continuation compared with its ``gt``. A prompt longer than the context leaves room for the
-    continuation by dropping its oldest tokens (the BOS stays)."""
+    continuation compared with its ``gt`` (the true next 128 tokens), as MUSE's evaluator does. A prompt
+    longer than the context leaves room for the continuation by dropping its oldest tokens (BOS stays)."""
     room = max(1, config.max_length - config.verbmem_new_tokens)
 
     def prepare(index: int) -> tuple[list[int], str]:
@@ -534,23 +545,28 @@ def _plan(data, tokenizer, config: EvalConfig, forget_split, retain_split, holdo
     qa = _text_splits(data, names, config) if text else _qa_splits(data, names, config)
     if text:
         names["text_forget"] = forget_split
-    generation = []
-    if config.generation:
-        generation = [_qa_generation(s.role, s, tokenizer, config, metric="rouge", max_new_tokens=config.max_new_tokens,
-                                     similarity=M.rouge_l_recall) for s in qa if s.role != "holdout" and not s.text]
-        if data.get(VERBMEM_SPLIT):  # MUSE's prompts and true continuations, as its evaluator scores them
-            names["verbmem"] = VERBMEM_SPLIT
-            generation.append(_verbmem_prompt_generation(VERBMEM_SPLIT, list(data[VERBMEM_SPLIT]), tokenizer, config))
-        elif "text_forget" in names:  # else continue the forget documents' first tokens
-            names["verbmem"] = names["text_forget"]
-            generation.append(_verbmem_generation(names["text_forget"], list(data[names["text_forget"]]), tokenizer, config))
-        for role in ("knowmem_forget", "knowmem_retain"):
-            if role in names:
-                split = _QASplit(role, names[role], list(data[names[role]]))
-                generation.append(_qa_generation(role, split, tokenizer, config, metric="knowmem",
-                                                 max_new_tokens=config.knowmem_new_tokens, similarity=M.rouge_l_f1,
-                                                 stopwords=KNOWMEM_STOPWORDS))
+    generation = _generation_splits(data, qa, names, tokenizer, config) if config.generation else []
     return qa, generation, names
+
+
+def _generation_splits(data, qa: list[_QASplit], names: dict[str, str], tokenizer, config: EvalConfig):
+    """TOFU's ROUGE on the question splits, MUSE's VerbMem and KnowMem; adds the ``verbmem`` role to names."""
+    generation = [_qa_generation(s.role, s, tokenizer, config, metric="rouge", max_new_tokens=config.max_new_tokens,
+                                 similarity=M.rouge_l_recall) for s in qa if s.role != "holdout" and not s.text]
+    if data.get(VERBMEM_SPLIT):  # MUSE's prompts and true continuations, as its evaluator scores them
+        names["verbmem"] = VERBMEM_SPLIT
+        generation.append(_verbmem_prompt_generation(VERBMEM_SPLIT, list(data[VERBMEM_SPLIT]), tokenizer, config))
+    elif "text_forget" in names:  # else continue the forget documents' first tokens
+        names["verbmem"] = names["text_forget"]
+        generation.append(_verbmem_generation(names["text_forget"], list(data[names["text_forget"]]), tokenizer, config))
+    for role in ("knowmem_forget", "knowmem_retain"):
+        if role in names:
+            split = _QASplit(role, names[role], list(data[names[role]]))
+            prompt_template = _with_examples(config.template, data.get(KNOWMEM_EXAMPLE_SPLITS[role]) or [])
+            generation.append(_qa_generation(role, split, tokenizer, config, prompt_template=prompt_template,
+                                             metric="knowmem", max_new_tokens=config.knowmem_new_tokens,
+                                             similarity=M.rouge_l_f1, stopwords=KNOWMEM_STOPWORDS))
+    return generation
 
 
 def _is_documents(rows: list[Any]) -> bool:
