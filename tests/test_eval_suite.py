@@ -384,14 +384,19 @@ def _muse_data(data: dict[str, list]) -> dict[str, list]:
             "knowmem_forget": data["knowmem_forget"], "knowmem_retain": data["knowmem_retain"]}
 
 
+def _run_muse(model, tokenizer, muse: dict[str, list], config: EvalConfig):
+    """evaluate on MUSE splits; the retain model's Min-k% AUC is 0.6 and the target's KnowMem-retain 0.5."""
+    with torch.no_grad():
+        return evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
+                        retain_split="text_retain", holdout_split="text_holdout",
+                        retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+
+
 def test_muse_documents_are_scored_as_text_with_knowmem_as_utility(setup):
     model, tokenizer, data = setup
     muse = _muse_data(data)
     config = replace(CONFIG, max_length=24)  # documents longer than 24 tokens are scored on their first 24
-    with torch.no_grad():
-        result = evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
-                          retain_split="text_retain", holdout_split="text_holdout",
-                          retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+    result = _run_muse(model, tokenizer, muse, config)
     samples, m = _sample_map(result), result.metrics
     # Document 0 alone through the model, in float64: BOS + text + EOS cut at 24 tokens, every token after
     # the first is a target (position t scores token t + 1).
@@ -446,10 +451,7 @@ def test_muse_verbmem_set_prompts_its_prompts_and_scores_against_its_continuatio
         {"prompt": long, "gt": own_long},
         {"prompt": short, "gt": "Lima walls stand tall"},
     ])
-    with torch.no_grad():
-        result = evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
-                      retain_split="text_retain", holdout_split="text_holdout",
-                      retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+    result = _run_muse(model, tokenizer, muse, config)
     samples = _sample_map(result)
     other = M.rouge_l_f1(own_short, "Lima walls stand tall")
     assert [samples[("verbmem_forget", i, "verbmem")] for i in range(3)] == pytest.approx([1.0, 1.0, other])
@@ -477,9 +479,6 @@ def test_muse_knowmem_puts_the_solved_examples_before_each_question(setup):
     muse["knowmem_forget"] = [dict(muse["knowmem_forget"][0], answer=own)] + muse["knowmem_forget"][1:]
     muse["knowmem_forget_icl"] = examples
     config = replace(CONFIG, template="qa")
-    with torch.no_grad():
-        result = evaluate(ModelScorer(model), tokenizer, muse, config, forget_split="text_forget",
-                          retain_split="text_retain", holdout_split="text_holdout",
-                          retain_reference=ReferenceStats([], {"mink": 0.6}), target_model_utility=0.5)
+    result = _run_muse(model, tokenizer, muse, config)
     samples = _sample_map(result)
     assert samples[("knowmem_forget", 0, "knowmem")] == pytest.approx(1.0)  # its own answer after the examples
