@@ -286,9 +286,8 @@ def matmul_peak_flops(n: int, repeats: int = 5, dtype: Any = None, device: Any =
     synchronize (kernels launch asynchronously)."""
     import torch
 
-    device = torch.device(device)
-    a = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
-    b = torch.randn(n, n, dtype=dtype or torch.float32, device=device)
+    device, dtype = torch.device(device), dtype or torch.float32
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     inner = 10 if device.type == "cuda" else 1
 
     def run() -> None:
