@@ -1,30 +1,58 @@
 """Unlearning methods: one file each, registered by name with ``@register_method``.
 
-Every module in this package is imported here, so adding a method is adding a file.
+Adding a method is adding a file. Importing this package does not import torch: ``describe``, ``catalog``
+and ``method_names`` read the method files statically (methods/catalog.py) for validation and listings;
+the classes themselves (``get_method_class``, ``build_method``, ``register_method`` and the protocol types)
+load the method files on first use.
 """
+from __future__ import annotations
+
 import importlib
 import pkgutil
+from typing import Any
 
-from methods.base import (
-    MethodInputs,
-    ModelOutput,
-    UnlearningMethod,
-    build_method,
-    get_method_class,
-    method_names,
-    register_method,
-)
+from methods.catalog import MethodInfo, catalog, describe
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+# Protocol names re-exported from methods.base; importing them imports torch.
+_FROM_BASE = ("MethodInputs", "ModelOutput", "UnlearningMethod", "register_method")
 
-__all__ = [
-    "MethodInputs",
-    "ModelOutput",
-    "UnlearningMethod",
-    "build_method",
-    "get_method_class",
-    "method_names",
-    "register_method",
-]
+
+def load_method_files() -> None:
+    """Import every method file, so each registers itself (idempotent)."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in ("base", "catalog"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def method_names() -> list[str]:
+    return list(catalog())
+
+
+def get_method_class(name: str) -> type:
+    """The registered class (method files are loaded on demand); an unknown name lists the known ones."""
+    from methods import base
+
+    return base.get_method_class(name)
+
+
+def build_method(name: str, **params: Any):
+    """Instantiate a registered method; unknown hyperparameters are an error naming the known ones."""
+    from methods import base
+
+    return base.build_method(name, **params)
+
+
+def param_names(name: str) -> list[str]:
+    return list(describe(name).params)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'methods' has no attribute {name!r}")
+
+
+__all__ = ["MethodInfo", "MethodInputs", "ModelOutput", "UnlearningMethod", "build_method", "catalog", "describe",
+           "get_method_class", "load_method_files", "method_names", "param_names", "register_method"]

@@ -107,6 +107,10 @@ def method_names() -> list[str]:
 
 
 def get_method_class(name: str) -> type[UnlearningMethod]:
+    if name not in _REGISTRY:  # the method files register themselves when imported
+        from methods import load_method_files
+
+        load_method_files()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
     return _REGISTRY[name]
