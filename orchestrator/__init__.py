@@ -3,7 +3,8 @@
     from orchestrator import load_spec, run
     result = run(load_spec("jobs/quickstart.yaml"))
 """
-from orchestrator.spec import JobSpec, SpecError, load_spec
+from orchestrator.errors import SpecError
+from orchestrator.spec import JobSpec, load_spec
 
 
 def run(spec, run_dir=None, address=None, overrides=None, log=print):

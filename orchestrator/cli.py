@@ -91,14 +91,11 @@ def _methods_listing(as_json: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.data import DataError
-    from orchestrator.models import ModelLoadError
-    from orchestrator.spec import SpecError
-    from orchestrator.sweep import SweepError
+    from orchestrator.errors import BadInput
 
     try:
         return _dispatch(args)
-    except (SpecError, DataError, ModelLoadError, SweepError) as err:
+    except BadInput as err:
         print(f"unlearn: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -1,17 +1,15 @@
-"""Models and tokenizers: a small Llama built from a config for the embedded benchmark, or any
-``from_pretrained`` id / local path. Loading never downloads when offline: a missing id is one line."""
+"""Loading models and tokenizers: a small Llama built from a config for the embedded benchmark, or any
+``from_pretrained`` directory or id (model_sources.py says which references exist). Loading never
+downloads when offline: a missing id is one line."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
+from orchestrator.errors import ModelLoadError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer that cannot be loaded, named in one line."""
 
 
 def build_embedded_model(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
@@ -27,26 +25,6 @@ def build_embedded_model(vocab_size: int, hidden_size: int, num_layers: int, num
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
-
-
-def check_reference(reference: str, field: str) -> None:
-    """Fail fast (before Ray starts) on a local path that does not exist or a hub id not reachable."""
-    expanded = os.path.expanduser(reference)
-    if reference.startswith((".", "/", "~")):
-        if not Path(expanded).exists():
-            raise ModelLoadError(f"field '{field}': model path {reference!r} does not exist")
-        return
-    if Path(expanded).exists():
-        return
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(reference)
-    except Exception as err:  # noqa: BLE001 - any failure to resolve is reported as one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(
-            f"field '{field}': cannot load {reference!r} (no local path, and the hub is unreachable or has no such id): {reason[:160]}"
-        ) from None
 
 
 def load_model(reference: str, dtype: str = "float32", trust_remote_code: bool = False):

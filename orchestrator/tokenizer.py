@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from orchestrator.encoding import resolve_template
+from orchestrator.templates import resolve_template
 
 # Ids follow Llama's order: <unk>=0, <s>=1, </s>=2, then <pad>=3.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -59,7 +59,7 @@ def benchmark_texts(benchmark: Mapping[str, Sequence[dict]], prompt_template: st
     With ``prompt_template`` each question is also given as the prompt the model sees, so the template's
     own words ("Question:", "Answer:") become single tokens instead of a handful of bytes each.
     """
-    from orchestrator.data import TEMPLATE_ANSWERS
+    from orchestrator.data.training import TEMPLATE_ANSWERS
 
     strings = list(_row_strings(benchmark))
     if prompt_template is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from methods import method_names
-from orchestrator.encoding import PROMPT_TEMPLATES
+from orchestrator.templates import PROMPT_TEMPLATES
 from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec, read_yaml
 from orchestrator.sweep import gang_fits, grid_configs
 

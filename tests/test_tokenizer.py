@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from orchestrator.data import TEMPLATE_ANSWERS, generate_benchmark
+from orchestrator.data import generate_benchmark
+from orchestrator.data.training import TEMPLATE_ANSWERS
 from orchestrator.tokenizer import benchmark_texts, train_tokenizer
 
 
