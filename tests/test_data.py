@@ -8,20 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from methods.base import SPLITS
 from orchestrator import data
 from orchestrator.data import (
-    TEMPLATE_ANSWERS,
     DataError,
-    UnlearningDataset,
     check_splits,
-    collate_splits,
     generate_benchmark,
     load_benchmark,
     load_directory,
-    qa_rows_for_training,
     validate_split,
     validate_text_split,
 )
+from orchestrator.data.embedded import AUTHOR_FACTS
+from orchestrator.data.training import BATCH_SPLITS, TEMPLATE_ANSWERS, UnlearningDataset, collate_splits, training_rows
 from orchestrator.encoding import IGNORE_INDEX, encode_pair, encode_text
 from orchestrator.tokenizer import benchmark_texts, train_tokenizer
 
@@ -104,7 +103,7 @@ def test_generator_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_authors"):
         generate_benchmark(num_authors=1)
     with pytest.raises(ValueError, match="questions_per_author"):
-        generate_benchmark(questions_per_author=len(data.AUTHOR_FACTS) + 1)
+        generate_benchmark(questions_per_author=len(AUTHOR_FACTS) + 1)
 
 
 def test_perturbed_answers_are_distinct_wrong_answers(bench):
@@ -263,10 +262,18 @@ def test_check_splits(small):
         check_splits(bare, "forget10", "retain90", "holdout10")
 
 
-def test_qa_rows_for_training_concatenates(small):
-    assert qa_rows_for_training(small, ["full", "utility_train"]) == small["full"] + small["utility_train"]
+def test_batch_splits_are_what_methods_may_ask_for():
+    # The data side builds exactly the batch splits the method protocol names.
+    assert BATCH_SPLITS == SPLITS
+
+
+def test_training_rows_concatenates_and_adds_paraphrases(small):
+    assert training_rows(small, ["full", "utility_train"], False) == small["full"] + small["utility_train"]
+    with_paraphrases = training_rows(small, ["full"], True)
+    assert len(with_paraphrases) == 2 * len(small["full"])
+    assert with_paraphrases[len(small["full"])]["answer"] == small["full"][0]["paraphrased_answer"]
     with pytest.raises(DataError, match="split 'nope'"):
-        qa_rows_for_training(small, ["full", "nope"])
+        training_rows(small, ["full", "nope"], False)
 
 
 def test_template_answers_are_many_distinct_lines():

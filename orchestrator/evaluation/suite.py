@@ -32,11 +32,11 @@ from orchestrator.encoding import (
     encode_prompt,
     encode_text,
     pad_id,
-    resolve_template,
 )
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.scorer import Scorer
 from orchestrator.results import METRIC_COLUMNS
+from orchestrator.templates import resolve_template
 
 MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")
 # The reference's stop strings for KnowMem answers (a "qa"-style prompt would go on with a new question).
@@ -51,7 +51,7 @@ class EvalConfig:
     batch_size: int = 16  # examples per forward (each brings 2 + k sequences) and prompts per generate call
     max_new_tokens: int = 200  # greedy tokens for TOFU's ROUGE
     max_length: int = 256  # prompt + answer tokens of a teacher-forced sequence
-    template: str = "qa"  # encoding.PROMPT_TEMPLATES name or a format string with {question}
+    template: str = "qa"  # templates.PROMPT_TEMPLATES name or a format string with {question}
     mink_k: float = 0.4  # fraction of lowest tokens for Min-k% and Min-k%++
     retain_eval_size: int | None = None  # cap on retain examples; None: all of retain_perturbed if present, else as many as the forget split has
     verbmem_prefix_tokens: int = 32  # VerbMem without MUSE's verbmem_forget set: prompt = a forget text's first tokens
