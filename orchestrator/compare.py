@@ -26,16 +26,15 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from orchestrator import report, results
-
-REFERENCE_METHODS = ("target", "retain")
+from orchestrator import report, results, scores
+from orchestrator.results import REFERENCE_METHODS, benchmark_kind
 DEFAULT_UTILITY_CEILING = 0.10
 
 # Columns best_epochs adds to the chosen evaluation row of each trial.
 SUMMARY_FIELDS = (
     pa.field("epochs_evaluated", pa.int64()),  # highest epoch the trial reached
     pa.field("worker_seconds", pa.float64()),  # Σ over rows of (train + eval seconds) × num_workers
-    pa.field("log10_fq", pa.float64()),  # NaN when FQ is missing; −inf when FQ underflowed to 0
+    pa.field("log10_fq", pa.float64()),  # NaN when FQ is missing; −300 when it underflowed (scores.FQ_FLOOR)
     pa.field("over_ceiling", pa.bool_()),  # no measured epoch had utility_loss ≤ ceiling
     pa.field("reference", pa.bool_()),  # a target / retain row, shown but never ranked
 )
@@ -67,34 +66,18 @@ def _as_float(value: Any) -> float:
 
 
 def log10_forget_quality(forget_quality: Any) -> float:
-    """log10 of a p-value; 0 (an underflowed p-value) is −inf, a missing or negative one NaN."""
-    fq = _as_float(forget_quality)
-    if math.isnan(fq) or fq < 0:
-        return math.nan
-    return -math.inf if fq == 0 else math.log10(fq)
+    """scores.log10_forget_quality with NaN for "not measured", the ranking's float convention."""
+    value = scores.log10_forget_quality(forget_quality)
+    return math.nan if value is None else value
 
 
 def _is_measured(forget: float, utility_loss: Any) -> bool:
     return not math.isnan(forget) and not math.isnan(_as_float(utility_loss))
 
 
-def benchmark_kind(table: pa.Table) -> str:
-    """``"muse"`` when no row has a forget quality but some row has VerbMem, else ``"tofu"``.
-
-    The embedded TOFU benchmark also measures VerbMem (its text corpus), but always has FQ: its retain
-    model is trained by prepare, so the target row at least carries one.
-    """
-    if not {"verbmem_forget", "forget_quality"} <= set(table.column_names):
-        return "tofu"
-    measured = lambda column: any(not math.isnan(_as_float(v)) for v in table.column(column).to_pylist())  # noqa: E731
-    return "muse" if not measured("forget_quality") and measured("verbmem_forget") else "tofu"
-
-
 def forget_axis(kind: str) -> Callable[[dict[str, Any]], float]:
-    """The forget score a ranking maximises, per row: log10 FQ (TOFU) or −VerbMem (MUSE); NaN if missing."""
-    if kind == "muse":
-        return lambda row: -_as_float(row.get("verbmem_forget"))
-    return lambda row: log10_forget_quality(row["forget_quality"])
+    """The forget score a ranking maximises, per row (scores.forget_score); NaN if missing."""
+    return lambda row: _as_float(scores.forget_score(row, kind))
 
 
 def muse_utility(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

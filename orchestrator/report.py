@@ -21,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from orchestrator.results import benchmark_kind
+
 SCATTER_FILE = "fq_vs_utility_loss.png"
 CURVES_FILE = "learning_curves.png"
 MARKDOWN_FILE = "report.md"
@@ -99,8 +101,6 @@ _FORGET_METRICS = {
 
 
 def _forget_metric(table: pa.Table) -> _ForgetMetric:
-    from orchestrator.compare import benchmark_kind  # deferred: compare imports this module
-
     return _FORGET_METRICS[benchmark_kind(table)]
 
 

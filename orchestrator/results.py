@@ -28,6 +28,9 @@ COST_COLUMNS = (
     ("grad_accum", pa.int64()), ("effective_batch", pa.int64()),
 )
 STATUSES = ("running", "ok", "diverged", "failed", "stopped")
+# ``method`` of the two reference rows every run has (epoch 0): the model before unlearning and the one
+# never trained on the forget set. They are shown beside the trials, never ranked among them.
+REFERENCE_METHODS = ("target", "retain")
 
 EVALS_SCHEMA = pa.schema(
     [
@@ -124,3 +127,19 @@ def read_evals(source: str | os.PathLike) -> pa.Table:
 
 def read_samples(run_dir: str | os.PathLike) -> pa.Table:
     return _read_dir(Path(run_dir) / "samples", SAMPLES_SCHEMA)
+
+
+def benchmark_kind(evals: pa.Table) -> str:
+    """``"muse"`` when no row has a forget quality but some row has VerbMem, else ``"tofu"``.
+
+    The embedded TOFU benchmark also measures VerbMem (its text corpus), but always has FQ: its retain
+    model is trained by prepare, so the target row at least carries one.
+    """
+    names = set(evals.column_names)
+    if not {"verbmem_forget", "forget_quality"} <= names:
+        return "tofu"
+
+    def measured(column: str) -> bool:
+        return any(v is not None and v == v for v in evals.column(column).to_pylist())  # v == v: not NaN
+
+    return "muse" if not measured("forget_quality") and measured("verbmem_forget") else "tofu"

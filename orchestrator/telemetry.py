@@ -25,10 +25,11 @@ import logging
 import math
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, NamedTuple
+
+from orchestrator.scores import log10_forget_quality
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,9 @@ def _weight_sample(name: str, value: float) -> Sample:
 
 def _evaluation_samples(row: dict[str, Any]) -> list[Sample]:
     samples = []
-    if row.get("forget_quality") is not None:
-        samples.append(Sample("unlearn_forget_quality_log10", math.log10(max(row["forget_quality"], 1e-300)), {}))
+    log10_fq = log10_forget_quality(row.get("forget_quality"))
+    if log10_fq is not None:
+        samples.append(Sample("unlearn_forget_quality_log10", log10_fq, {}))
     for metric, key in (("unlearn_model_utility", "model_utility"), ("unlearn_utility_loss", "utility_loss")):
         if row.get(key) is not None:
             samples.append(Sample(metric, float(row[key]), {}))
