@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
 import yaml
 
-from orchestrator.spec import JobSpec, SpecError, load_spec
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
+from orchestrator.errors import SpecError
+from orchestrator.provenance import provenance
+from orchestrator.results import REFERENCE_METHODS
+from orchestrator.spec import JobSpec, load_spec
 
 @dataclass
 class RunResult:
@@ -39,7 +36,7 @@ class RunResult:
         """The top of the ranking (reference rows excluded), as dicts."""
         if self.ranking is None:
             return []
-        rows = [r for r in self.ranking.to_pylist() if r.get("method") not in ("target", "retain")]
+        rows = [r for r in self.ranking.to_pylist() if r.get("method") not in REFERENCE_METHODS]
         return rows[:n]
 
 
@@ -47,7 +44,7 @@ class RunResult:
 def preflight(spec: JobSpec) -> None:
     """Input checks that need no cluster: model references and the benchmark's splits and rows."""
     from orchestrator.data import check_muse_splits, check_splits, load_benchmark
-    from orchestrator.models import check_reference
+    from orchestrator.model_sources import check_reference
     from orchestrator.prepare import benchmark_config
     from orchestrator.sweep import grid_configs
 
@@ -81,28 +78,6 @@ def _local_gpus() -> float:
     import torch
 
     return float(torch.cuda.device_count())
-
-
-# ---------------------------------------------------------------- provenance
-def provenance() -> dict[str, Any]:
-    """Git SHA and library versions for every evals row (Ray's only where it is installed: the torchrun
-    GPU check runs without it)."""
-    import deepspeed
-    import torch
-    import transformers
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
-    try:  # by its metadata: reading a version should not import Ray
-        versions["ray"] = metadata.version("ray")
-    except metadata.PackageNotFoundError:
-        pass
-    return {"git_sha": sha, "versions": json.dumps(versions, sort_keys=True)}
 
 
 # ---------------------------------------------------------------- Ray

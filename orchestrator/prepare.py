@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from orchestrator.spec import JobSpec
 
-REFERENCE_METHODS = ("target", "retain")
 
 
 @dataclass
@@ -50,7 +49,7 @@ def benchmark_config(spec: JobSpec) -> dict[str, Any]:
                                 "real_authors", "world_facts"]}
     if b.kind == "muse":  # only for MUSE, so TOFU's evaluation cache keys stay what they were
         load_args["kind"] = "muse"
-    return {"source": b.source, "generator": load_args, "forget_split": b.forget_split,
+    return {"source": b.source, "kind": b.kind, "generator": load_args, "forget_split": b.forget_split,
             "retain_split": b.retain_split, "holdout_split": b.holdout_split}
 
 
@@ -149,21 +148,22 @@ def reference_training_splits(spec: JobSpec) -> dict[str, list[str]]:
 
 
 def _evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path) -> dict[str, Any]:
+    """Worker config for evaluating a reference model once (the worker's ``evaluate`` job)."""
     config = finetune_config(spec, model_path, tokenizer_path, [], None)
-    config.update(training=dict(config["training"], epochs=0), eval_out=str(out),
+    config.update(job="evaluate", eval_out=str(out), label="eval",
                   references={"retain_stats": str(retain_json) if retain_json else None})
     return config
 
 
 def finetune_config(spec: JobSpec, model_path: str, tokenizer_path: str, splits: list[str],
                     save_to: str | None) -> dict[str, Any]:
-    """Worker config for fine-tuning (or, with 0 epochs, only evaluating) a reference model."""
+    """Worker config for fine-tuning a reference model on ``splits`` (the worker's ``finetune`` job)."""
     p = spec.prepare
     training = spec.training.model_dump() | {"lr": p.lr, "epochs": p.epochs, "batch_size": p.batch_size,
                                              "grad_accum": 1, "weight_decay": 0.0, "warmup_epochs": 0.0,
                                              "lora": None, "gradient_checkpointing": False}
     return {
-        "mode": "finetune", "seed": spec.seed, "train_splits": splits, "save_to": save_to,
+        "job": "finetune", "seed": spec.seed, "train_splits": splits, "save_to": save_to,
         "paraphrase_augmentation": p.paraphrase_augmentation, "label": Path(save_to).name if save_to else "eval",
         "model": model_config(spec, model_path, tokenizer_path), "training": training,
         "scaling": spec.scaling.model_dump() | {"zero_stage": 0 if spec.scaling.zero_stage < 3 else 3},

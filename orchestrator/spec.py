@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import SpecError
 
 TRAINER_KEYS = ("lr", "epochs", "weight_decay")
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-
-
-class SpecError(ValueError):
-    """A one-line error about the spec, naming the field."""
 
 
 class _Strict(BaseModel):
@@ -76,7 +74,7 @@ class ModelSpec(_Strict):
     target: str = "embedded"  # "embedded" (built and fine-tuned by prepare) or a hub id / local path
     retain: str | None = None  # retain model id/path for real benchmarks; embedded: trained by prepare
     tokenizer: str | None = None  # defaults to the target's
-    # A name in encoding.PROMPT_TEMPLATES or a format string with {question}; must be the one the target
+    # A name in templates.PROMPT_TEMPLATES or a format string with {question}; must be the one the target
     # was fine-tuned with. Default: "embedded" for the embedded target, "qa" (TOFU's phi format) otherwise.
     prompt_template: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -85,7 +83,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _template(self) -> "ModelSpec":
-        from orchestrator.encoding import resolve_template
+        from orchestrator.templates import resolve_template
 
         if self.prompt_template is None:
             object.__setattr__(self, "prompt_template", "embedded" if self.target == "embedded" else "qa")
@@ -164,11 +162,9 @@ class MethodEntry(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "MethodEntry":
-        from methods import get_method_class
-        from methods.base import param_names
+        from methods import describe
 
-        get_method_class(self.name)
-        known = set(param_names(self.name)) | set(TRAINER_KEYS)
+        known = set(describe(self.name).params) | set(TRAINER_KEYS)
         for key, value in self.params.items():
             if key not in known:
                 raise ValueError(f"params.{key}: method {self.name!r} has no such hyperparameter; known: {sorted(known)}")
@@ -290,14 +286,14 @@ class JobSpec(_Strict):
 
     def _check_muse(self) -> None:
         """MUSE has no truth ratios (no forget quality) and its forget set is documents, not questions."""
-        from methods import get_method_class
+        from methods import describe
 
         if self.sweep.metric == "log10_forget_quality":
             raise ValueError("sweep.metric: benchmark.kind muse has no forget quality; use score or model_utility")
         if self.sweep.multi_objective:
             raise ValueError("sweep.multi_objective: searches on log10 forget quality, which benchmark.kind muse lacks")
         for i, entry in enumerate(self.sweep.methods):
-            needs = [split for split in get_method_class(entry.name).splits if split in QA_ONLY_SPLITS]
+            needs = [split for split in describe(entry.name).splits if split in QA_ONLY_SPLITS]
             if needs:
                 raise ValueError(f"sweep.methods[{i}].name: method {entry.name!r} needs question/answer rows "
                                  f"(splits {', '.join(needs)}); benchmark.kind muse trains on text documents")

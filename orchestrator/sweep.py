@@ -11,19 +11,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from methods import get_method_class
+from methods import describe
+from orchestrator.errors import SweepError
 from orchestrator.spec import TRAINER_KEYS, JobSpec, MethodEntry
 
 DRIVER_CPU = 0.01  # a Tune trial that only drives a TorchTrainer (0 is refused by Ray 2.60)
 
 
-class SweepError(ValueError):
-    """A search space that cannot be swept as asked (one line naming the field)."""
-
-
 def method_space(entry: MethodEntry) -> dict[str, dict[str, Any]]:
     """The entry's space, or the method's default one, minus keys the entry fixes."""
-    space = entry.space if entry.space is not None else dict(get_method_class(entry.name).default_space)
+    space = entry.space if entry.space is not None else dict(describe(entry.name).default_space)
     return {key: dist for key, dist in space.items() if key not in entry.params}
 
 
@@ -191,6 +188,8 @@ def trial_trainable(spec: JobSpec, base_config: dict[str, Any]):
     """
     from ray import tune
 
+    from methods import get_method_class
+
     method_classes = {entry.name: get_method_class(entry.name) for entry in spec.sweep.methods}
     return tune.with_resources(
         tune.with_parameters(driver, base_config=base_config, method_classes=method_classes), {"cpu": DRIVER_CPU}
@@ -210,7 +209,7 @@ def driver(config: dict[str, Any], base_config: dict[str, Any], method_classes: 
     trial_id = tune.get_context().get_trial_id()
     worker_config = dict(base_config)
     worker_config.update(
-        mode="unlearn", method=method, method_class=method_classes[method], params=params, trial_id=f"{method}_{trial_id}",
+        job="unlearn", method=method, method_class=method_classes[method], params=params, trial_id=f"{method}_{trial_id}",
         trial_params={**params, **trainer_overrides},
         training={**base_config["training"], **trainer_overrides},
     )

@@ -271,7 +271,7 @@ def _captured_trust_flags(config: dict, monkeypatch) -> list[bool]:
     import torch
 
     from orchestrator import models
-    from orchestrator.worker import WorkerContext, run_worker
+    from orchestrator.worker import WorkerContext, run_job
 
     seen = []
 
@@ -285,7 +285,7 @@ def _captured_trust_flags(config: dict, monkeypatch) -> list[bool]:
     monkeypatch.setattr(models, "load_tokenizer", fake_load_tokenizer)
     ctx = WorkerContext(0, 1, torch.device("cpu"), report=lambda metrics, checkpoint: None)
     with pytest.raises(Loaded):
-        run_worker(config, ctx)
+        run_job(config, ctx)
     return seen
 
 
@@ -303,7 +303,7 @@ def test_trust_remote_code_is_off_unless_the_spec_asks(asked, monkeypatch, tmp_p
     monkeypatch.setattr(api, "provenance", lambda: {"git_sha": "x", "versions": "{}"})
     prepared = Prepared("/models/target", "/models/tok", None, None, [], 0.0)
     base = api.base_trial_config(spec, tmp_path, "run-1", prepared)
-    trial = dict(base, mode="unlearn", method="ga", params={}, trial_id="ga_1", trial_params={})
+    trial = dict(base, job="unlearn", method="ga", params={}, trial_id="ga_1", trial_params={})
     finetune = finetune_config(spec, "/models/init", "/models/tok", ["full"], str(tmp_path / "out"))
     assert base["model"]["trust_remote_code"] is expected
     assert finetune["model"]["trust_remote_code"] is expected

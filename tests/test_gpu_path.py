@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orchestrator import gpu_check
-from orchestrator.worker import deepspeed_config
+from orchestrator.zero import deepspeed_config
 
 
 # ---------------------------------------------------------------- DeepSpeed config
@@ -72,7 +72,7 @@ def tiny_check(tmp_path_factory):
     ("cpu", False, None), ("cpu", True, None), ("cuda", False, True), ("cuda", True, None),
 ])
 def test_adamw_is_fused_only_on_cuda_without_offload(device, offload, fused, tiny_check, monkeypatch):
-    from orchestrator.worker import WorkerContext, run_worker
+    from orchestrator.worker import WorkerContext, run_job
 
     out, spec = tiny_check
     config = gpu_check.trial_config(spec, out / "model", out / "run", "ga", {}, 1e-4, 4)
@@ -86,7 +86,7 @@ def test_adamw_is_fused_only_on_cuda_without_offload(device, offload, fused, tin
     # GA has no reference model, so nothing before the optimizer touches the (absent) CUDA device.
     monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
     with pytest.raises(_OptimizerBuilt):
-        run_worker(config, WorkerContext(0, 1, torch.device(device), lambda metrics, directory: None))
+        run_job(config, WorkerContext(0, 1, torch.device(device), lambda metrics, directory: None))
     assert seen["fused"] is fused
     assert seen["lr"] == 1e-4
 
@@ -100,7 +100,7 @@ def test_trial_config_has_the_keys_of_a_sweep_trial(tiny_check, monkeypatch):
     monkeypatch.setattr(api, "provenance", lambda: {"git_sha": "x", "versions": "{}"})
     prepared = Prepared(str(out / "model"), str(out / "model"), None, None, [], 0.0)
     base = api.base_trial_config(spec, out / "run", "gpu-check", prepared)
-    sweep_trial = dict(base, mode="unlearn", method="npo", params={}, trial_id="npo_1", trial_params={})
+    sweep_trial = dict(base, job="unlearn", method="npo", params={}, trial_id="npo_1", trial_params={})
     ours = gpu_check.trial_config(spec, out / "model", out / "run", "npo", {}, 1e-5, 6)
     assert ours.keys() == sweep_trial.keys()
     for section in ("model", "training", "scaling", "benchmark", "evaluation", "references"):
@@ -235,7 +235,7 @@ def _gathered_evaluation_worker(rank: int, port: int, out_dir: str) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from orchestrator.models import build_embedded_model
-    from orchestrator.worker import whole_weights
+    from orchestrator.zero import whole_weights
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")

@@ -73,7 +73,7 @@ def test_prepare_trains_the_embedded_references_on_text_and_knowmem():
 
 
 def test_muse_score_is_minus_verbmem_minus_the_utility_penalty():
-    from orchestrator.worker import score
+    from orchestrator.scores import score
 
     metrics = {"forget_quality": None, "verbmem_forget": 0.25, "utility_loss": 0.05}
     assert score(metrics, 10.0, "muse") == pytest.approx(-0.25 - 10.0 * 0.05)

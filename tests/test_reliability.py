@@ -100,7 +100,7 @@ def test_an_update_that_breaks_the_model_is_caught_before_evaluation():
     import torch
 
     from orchestrator.models import build_embedded_model
-    from orchestrator.worker import produces_finite_logits
+    from orchestrator.steps import produces_finite_logits
 
     model = build_embedded_model(400, 32, 2, 2, 64, 128, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e6)
@@ -128,7 +128,8 @@ def _nan_on_one_rank_worker(rank: int, port: int, out_dir: str) -> None:
     import deepspeed
 
     from orchestrator.models import build_embedded_model
-    from orchestrator.worker import FineTune, _gather_epoch, run_epoch
+    from orchestrator.steps import gather_epoch, run_epoch
+    from orchestrator.worker import FineTune
 
     class NaNOnRankOne(FineTune):
         calls = 0
@@ -150,9 +151,8 @@ def _nan_on_one_rank_worker(rank: int, port: int, out_dir: str) -> None:
                                       config=config)
     ids = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(rank))
     loader = [{"forget": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}}] * 4
-    ctx = type("Ctx", (), {"world_size": 2})()
-    stats = _gather_epoch(run_epoch(engine, None, NaNOnRankOne(None), loader, list(model.parameters()),
-                                    torch.device("cpu")), ctx)
+    stats = gather_epoch(run_epoch(engine, None, NaNOnRankOne(None), loader, list(model.parameters()),
+                                   torch.device("cpu")), world_size=2)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": stats.steps, "diverged": stats.diverged}))
     torch.distributed.destroy_process_group()
 

@@ -23,7 +23,7 @@ from orchestrator.results import read_evals
 from orchestrator.spec import SpecError, TrackingSpec, parse_spec
 from orchestrator.telemetry import (METRICS, TRIAL_TAGS, Sample, TrialTelemetry, epoch_samples, exported_names,
                                     grafana_dashboard, metrics_markdown, trial_status_counts)
-from orchestrator.worker import EpochStats
+from orchestrator.steps import EpochStats
 from tests.conftest import ROOT, tiny_spec
 
 DASHBOARD = ROOT / "docs" / "grafana" / "unlearn_dashboard.json"
