@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench import (PROJECT_ROOT, epoch_costs, free_port, machine_description, matmul_peak_flops,
-                                steady_tokens_per_second, training_flops_per_token)
+from orchestrator.measure import (epoch_costs, free_port, machine_description, matmul_peak_flops,
+                                  steady_tokens_per_second, training_flops_per_token)
+from orchestrator.provenance import PROJECT_ROOT
 
 GIB = 1024 ** 3
 
@@ -134,7 +135,7 @@ def trial_config(spec, model_dir: Path, run_dir: Path, method: str, params: dict
                  batch_size: int) -> dict[str, Any]:
     """What api.base_trial_config + a sweep trial give the worker (same keys; a test holds them equal),
     with no retain model: forget quality stays empty, every other metric is computed."""
-    from orchestrator.api import provenance
+    from orchestrator.provenance import provenance
     from orchestrator.prepare import benchmark_config, evaluation_config, model_config
 
     base = {
@@ -146,7 +147,7 @@ def trial_config(spec, model_dir: Path, run_dir: Path, method: str, params: dict
         "references": {"retain_stats": None, "target_model_utility": None},
         "utility_weight": spec.sweep.utility_weight, "threads_per_worker": spec.scaling.threads_per_worker,
     }
-    return dict(base, mode="unlearn", method=method, params=params, trial_id=f"{method}_check",
+    return dict(base, job="unlearn", method=method, params=params, trial_id=f"{method}_check",
                 trial_params=params, training=dict(base["training"], lr=lr, batch_size=batch_size))
 
 
@@ -155,7 +156,8 @@ def epoch_items(spec, method: str, params: dict[str, Any], tokenizer) -> tuple[i
     """(items in the method's epoch, sequences per item (one per split), mean tokens per trained
     sequence), from the worker's own Dataset."""
     from methods import build_method
-    from orchestrator.data import UnlearningDataset, load_benchmark
+    from orchestrator.data import load_benchmark
+    from orchestrator.data.training import UnlearningDataset
     from orchestrator.prepare import benchmark_config
 
     bench = benchmark_config(spec)
@@ -173,7 +175,7 @@ def trained_module_shape(config, method: str, params: dict[str, Any]) -> dict[st
     from transformers import LlamaForCausalLM
 
     from methods import build_method
-    from orchestrator.worker import trainable_parameters
+    from orchestrator.steps import trainable_parameters
 
     built = build_method(method, **params)
     with torch.device("meta"):

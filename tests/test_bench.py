@@ -12,27 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.bench import (
-    FULL,
-    QUICK,
-    BenchRow,
-    EpochCost,
-    PeakMemory,
-    bench_schema,
-    bench_spec,
-    epoch_costs,
-    format_table,
-    markdown_table,
-    measured,
-    median_seconds,
-    ratio,
-    search_cost,
-    steady,
-    steady_tokens_per_second,
-    training_flops_per_token,
-    with_machine,
-    write_outputs,
-)
+from orchestrator.bench.search import search_cost
+from orchestrator.bench.sizes import FULL, QUICK, bench_spec
+from orchestrator.bench.table import (BenchRow, bench_schema, format_table, markdown_table, measured, ratio,
+                                      with_machine, write_outputs)
+from orchestrator.measure import (EpochCost, PeakMemory, epoch_costs, median_seconds, steady,
+                                  steady_tokens_per_second, training_flops_per_token)
 
 
 # ---------------------------------------------------------------- FLOPs
