@@ -7,21 +7,12 @@ load the method files on first use.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
-from methods.catalog import MethodInfo, catalog, describe
+from methods.catalog import MethodInfo, catalog, describe, load_method_files
 
 # Protocol names re-exported from methods.base; importing them imports torch.
 _FROM_BASE = ("MethodInputs", "ModelOutput", "UnlearningMethod", "register_method")
-
-
-def load_method_files() -> None:
-    """Import every method file, so each registers itself (idempotent)."""
-    for module in pkgutil.iter_modules(__path__):
-        if module.name not in ("base", "catalog"):
-            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def method_names() -> list[str]:

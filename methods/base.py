@@ -108,7 +108,7 @@ def method_names() -> list[str]:
 
 def get_method_class(name: str) -> type[UnlearningMethod]:
     if name not in _REGISTRY:  # the method files register themselves when imported
-        from methods import load_method_files
+        from methods.catalog import load_method_files
 
         load_method_files()
     if name not in _REGISTRY:

@@ -132,6 +132,14 @@ def describe_class(cls: type) -> MethodInfo:
                       trains=cls.trains)
 
 
+def load_method_files() -> None:
+    """Import every method file, so each registers itself (idempotent)."""
+    import importlib
+
+    for path in method_files():
+        importlib.import_module(f"methods.{path.stem}")
+
+
 def method_files() -> list[Path]:
     return sorted(p for p in PACKAGE_DIR.glob("*.py") if p.stem not in _NOT_METHOD_FILES)
 
@@ -143,8 +151,6 @@ def _static_catalog() -> dict[str, MethodInfo]:
         try:
             infos = read_method_file(path)
         except NotStatic:  # declarations computed at import: describe the imported classes instead
-            from methods import load_method_files
-
             load_method_files()
             infos = []
         for info in infos:

@@ -11,15 +11,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import pyarrow as pa
 import yaml
 
 from orchestrator.errors import SpecError
 from orchestrator.provenance import provenance
-from orchestrator.results import REFERENCE_METHODS
 from orchestrator.spec import JobSpec, load_spec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 @dataclass
 class RunResult:
@@ -34,6 +35,8 @@ class RunResult:
 
     def best_trials(self, n: int = 5) -> list[dict[str, Any]]:
         """The top of the ranking (reference rows excluded), as dicts."""
+        from orchestrator.results import REFERENCE_METHODS
+
         if self.ranking is None:
             return []
         rows = [r for r in self.ranking.to_pylist() if r.get("method") not in REFERENCE_METHODS]

@@ -67,18 +67,9 @@ def _common_run_options(sub: argparse.ArgumentParser) -> None:
 
 
 def _methods_listing(as_json: bool) -> str:
-    import dataclasses
+    from methods import catalog
 
-    from methods import get_method_class, method_names
-
-    listing = {}
-    for name in method_names():
-        cls = get_method_class(name)
-        defaults = {f.name: f.default for f in dataclasses.fields(cls.Params)
-                    if f.default is not dataclasses.MISSING}
-        listing[name] = {"doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
-                         "params": defaults, "default_space": cls.default_space, "combine": cls.combine,
-                         "splits": list(cls.splits), "reference": bool(cls.reference_splits), "trains": cls.trains}
+    listing = {name: info.listing() for name, info in catalog().items()}
     if as_json:
         return json.dumps(listing, indent=1, default=str)
     lines = []

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.measure import (epoch_costs, free_port, machine_description, matmul_peak_flops,
+from orchestrator.measure import (DeviceMemoryPeak, epoch_costs, free_port, machine_description, matmul_peak_flops,
                                   steady_tokens_per_second, training_flops_per_token)
 from orchestrator.provenance import PROJECT_ROOT
 
@@ -193,7 +193,7 @@ def trained_module_shape(config, method: str, params: dict[str, Any]) -> dict[st
 
 
 def flops_per_trained_token(shape: dict[str, int], seq_len: float) -> float:
-    """bench.training_flops_per_token (6·N + 12·L·H·T) over the trainable weights, plus 4 FLOPs per frozen
+    """measure.training_flops_per_token (6·N + 12·L·H·T) over the trainable weights, plus 4 FLOPs per frozen
     weight a token passes through (forward 2, input gradient 2; no weight gradient): ULD's assistant is
     mostly frozen, and counting only its LoRA weights would report ~0 % of the work it does."""
     return training_flops_per_token(shape["trainable"], shape["layers"], shape["hidden"], seq_len) + 4.0 * shape["frozen"]
@@ -206,34 +206,6 @@ def model_flops_utilisation(tokens_per_second: float, flops_per_token: float, pe
 
 
 # ---------------------------------------------------------------- running the worker under torchrun
-class DeviceMemoryPeak:
-    """Peak device memory in use on one GPU while a child runs, above what was in use before it started:
-    cudaMemGetInfo is device-wide, so it sees the worker's CUDA context and allocator pool (an upper
-    bound on its max_memory_allocated). Used when the worker does not report its own peak."""
-
-    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
-        self.device, self.interval, self.peak = device, interval, 0
-        self._idle = self._used()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _used(self) -> int:
-        free, total = torch.cuda.mem_get_info(self.device)
-        return total - free
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._used() - self._idle)
-
-    def __enter__(self) -> "DeviceMemoryPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class TorchrunResult:
     returncode: int

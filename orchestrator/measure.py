@@ -144,3 +144,33 @@ class PeakMemory:
             self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss,
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+
+
+class DeviceMemoryPeak:
+    """Peak device memory in use on one GPU while a child runs, above what was in use before it started:
+    cudaMemGetInfo is device-wide, so it sees the worker's CUDA context and allocator pool (an upper
+    bound on its max_memory_allocated). Used when the worker does not report its own peak."""
+
+    def __init__(self, device: Any, interval: float = 0.05) -> None:
+        self.device, self.interval, self.peak = device, interval, 0
+        self._idle = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._used() - self._idle)
+
+    def __enter__(self) -> "DeviceMemoryPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()

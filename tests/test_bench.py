@@ -203,7 +203,7 @@ def test_bench_specs_are_valid_jobs():
 
 # ---------------------------------------------------------------- generation packing (the optimisation)
 def test_generation_batches_are_filled_across_splits_with_the_same_token_budget():
-    from orchestrator.evaluation.suite import pack_generation_batches
+    from orchestrator.evaluation.sharding import pack_generation_batches
 
     # Splits: 5 and 2 prompts decoding 16 tokens, 3 prompts decoding 32; 2 ranks, batch 3. Rank 0 owns
     # indices 0, 2, 4 of split 0, 0 of split 1, 0 and 2 of split 2; rank 1 the rest. Rank 0's 4 prompts
@@ -220,7 +220,7 @@ def test_generation_batches_are_filled_across_splits_with_the_same_token_budget(
 
 
 def test_generation_packing_covers_every_prompt_once_with_equal_batch_counts():
-    from orchestrator.evaluation.suite import pack_generation_batches
+    from orchestrator.evaluation.sharding import pack_generation_batches
 
     splits = [(24, 7), (16, 3), (24, 1), (32, 0), (16, 8)]
     for world in (1, 2, 3):

@@ -22,16 +22,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orchestrator.encoding import encode_pair, encode_prompt
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.scorer import ModelScorer
-from orchestrator.evaluation.suite import (
-    KNOWMEM_STOPWORDS,
-    EvalConfig,
-    ReferenceStats,
-    _decode_generation,
-    evaluate,
-    evaluate_per_sample,
-    sequence_scores,
-    shard_batches,
-)
+from orchestrator.evaluation.generation import KNOWMEM_STOPWORDS, decode_generation
+from orchestrator.evaluation.sharding import shard_batches
+from orchestrator.evaluation.suite import EvalConfig, ReferenceStats, evaluate, evaluate_per_sample
+from orchestrator.evaluation.teacher_forced import sequence_scores
 from orchestrator.results import METRIC_COLUMNS
 from orchestrator.tokenizer import train_tokenizer
 
@@ -370,8 +364,8 @@ def test_generation_is_cut_at_eos_and_knowmem_stop_strings(setup):
     _, tokenizer, _ = setup
     ids = tokenizer("Lima walls\nQuestion: next one", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    assert _decode_generation(tokenizer, ids + [eos, ids[0]], eos, KNOWMEM_STOPWORDS) == "Lima walls"
-    assert _decode_generation(tokenizer, ids[:2] + [eos] + ids, eos, ()) == tokenizer.decode(ids[:2]).strip()
+    assert decode_generation(tokenizer, ids + [eos, ids[0]], eos, KNOWMEM_STOPWORDS) == "Lima walls"
+    assert decode_generation(tokenizer, ids[:2] + [eos] + ids, eos, ()) == tokenizer.decode(ids[:2]).strip()
 
 
 # ----------------------------------------------------------------- MUSE: documents instead of questions
