@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import math
 import random
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
