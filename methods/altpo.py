@@ -1,7 +1,8 @@
 """AltPO — alternate preference optimization (Mekala et al. 2024, arXiv 2409.13474; open-unlearning's DPO
 trainer on alternate-answer data):
 
-L = −(2/β)·E log σ(β·[(log π_θ(ỹ|x) − log π_ref(ỹ|x)) − (log π_θ(y|x) − log π_ref(y|x))]) + α·NLL(D_r),
+L = −(2/β)·E log σ(β·[(log π_θ(ỹ|x) − log π_ref(ỹ|x)) − (log π_θ(y|x) − log π_ref(y|x))])
+    + α·NLL(D_r),
 
 ỹ an alternate (made-up) answer to the forget question, preferred over the true answer y. Instead of a
 refusal (IdkDPO) the model learns to answer with different facts, which keeps its answers fluent.
