@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from methods.base import MethodInputs, UnlearningMethod, answer_positions, register_method, token_mean
+from methods.base import MethodInputs, UnlearningMethod, answer_positions, register_method
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class CEU(UnlearningMethod):
     def objectives(self, inputs: MethodInputs) -> dict[str, torch.Tensor]:
         logits, labels, answer = answer_positions(inputs.policy["forget"])  # [batch, seq-1, vocab], [batch, seq-1] ×2
         # Answer positions after the first n of each example (cumulative count along the sequence).
-        kept = answer * (answer.cumsum(-1) > self.params.ignore_first_n_answer_tokens)
+        kept = (answer > 0) & (answer.cumsum(-1) > self.params.ignore_first_n_answer_tokens)
+        z, y = logits[kept], labels[kept]  # [n, vocab], [n]: the temporaries below skip prompt and padding
         # q = softmax(z with z_y = −inf), detached: a constant target.
-        target = torch.softmax(logits.detach().scatter(-1, labels.unsqueeze(-1), float("-inf")), dim=-1)
-        cross_entropy = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)  # [batch, seq-1]
-        return {"forget": token_mean(cross_entropy, kept)}
+        target = torch.softmax(z.detach().scatter(-1, y.unsqueeze(-1), float("-inf")), dim=-1)
+        cross_entropy = -(target * torch.log_softmax(z, dim=-1)).sum(-1)  # [n]; its mean is 0 when n = 0
+        return {"forget": cross_entropy.sum() / max(cross_entropy.numel(), 1)}

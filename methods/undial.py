@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from methods.base import MethodInputs, UnlearningMethod, answer_positions, nll, register_method, token_mean
+from methods.base import MethodInputs, UnlearningMethod, answer_positions, nll, register_method
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,15 @@ class UNDIAL(UnlearningMethod):
         forget_out = inputs.policy["forget"]
         logits, labels, answer = answer_positions(forget_out)  # [batch, seq-1, vocab], [batch, seq-1] ×2
         ref_logits, _, _ = answer_positions(inputs.reference["forget"])
-        # z_ref − β·onehot(y_{t+1}) at answer positions only; detached: the target is a constant.
-        penalty = (-p.beta * answer).unsqueeze(-1)  # [batch, seq-1, 1]
-        target = torch.softmax(ref_logits.detach().scatter_add(-1, labels.unsqueeze(-1), penalty), dim=-1)
-        cross_entropy = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)  # [batch, seq-1]
         if p.all_positions:  # position t predicts a real token from a real token (right padding)
-            attention = forget_out.attention_mask.to(logits.dtype)
-            positions = attention[:, :-1] * attention[:, 1:]
+            attention = forget_out.attention_mask.bool()
+            positions = attention[:, :-1] & attention[:, 1:]
         else:
-            positions = answer
-        return {"forget": p.gamma * token_mean(cross_entropy, positions),
+            positions = answer.bool()
+        # Only the averaged positions' rows, [n, vocab]: the [n, vocab] temporaries below then skip padding.
+        z, z_ref, y, is_answer = logits[positions], ref_logits[positions].detach(), labels[positions], answer[positions]
+        # z_ref − β·onehot(y_{t+1}), the penalty on answer positions only; detached: the target is a constant.
+        target = torch.softmax(z_ref.scatter_add(-1, y.unsqueeze(-1), (-p.beta * is_answer).unsqueeze(-1)), dim=-1)
+        cross_entropy = -(target * torch.log_softmax(z, dim=-1)).sum(-1)  # [n]
+        return {"forget": p.gamma * cross_entropy.sum() / max(cross_entropy.numel(), 1),
                 "retain": p.alpha * nll(inputs.policy["retain"])}
