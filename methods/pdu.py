@@ -76,7 +76,10 @@ class PDU(UnlearningMethod):
         # Both conditions are the same on every rank, so every rank joins the collective or none does.
         if retain_nll is None or epoch <= self.params.dual_warmup_epochs:
             return
-        violation = float(mean_over_ranks(retain_nll)) - self.params.retain_loss_eps
+        mean_nll = mean_over_ranks(retain_nll)
+        if not torch.isfinite(mean_nll):  # a diverged step: max(0, nan) would silently reset λ to 0
+            return
+        violation = float(mean_nll) - self.params.retain_loss_eps
         self.dual = max(0.0, self.dual + self.params.dual_step_size * violation)
 
     def state(self) -> dict[str, float]:

@@ -411,6 +411,13 @@ def test_pdu_steps_once_per_objectives_call_and_not_without_one():
     assert method.dual == pytest.approx(101.0, rel=1e-6)
 
 
+def test_pdu_keeps_the_dual_on_a_non_finite_retain_nll():
+    method = build_method("pdu", dual_warmup_epochs=0)
+    method.objectives(MethodInputs({"forget": Z200, "retain": RETAIN_HALF}))
+    method.after_step(1, lambda t: t * float("nan"))
+    assert method.dual == 100.0
+
+
 def test_pdu_state_round_trips_and_fixed_dual_without_step_size():
     method = build_method("pdu", dual_warmup_epochs=0)
     pdu_step(method, 0.5, 1)
