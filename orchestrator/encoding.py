@@ -27,12 +27,19 @@ def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
 
 
 def encode_pair(tokenizer, question: str, answer: str, template: str, max_length: int) -> EncodedExample:
-    """Tokenise prompt + answer as one string, append EOS, mask the prompt's length."""
+    """Tokenise prompt + answer as one string, cut to ``max_length``, then append EOS (unless the cut already
+    ends on it), and mask as many leading tokens as the prompt alone tokenises to (cut the same way).
+
+    Cutting before appending keeps the EOS of a long answer, as the reference does: the metrics that drop
+    the last answer position (extraction strength, exact memorisation, Min-k%) then drop the EOS, not a
+    real answer token. A sequence is therefore at most ``max_length + 1`` tokens.
+    """
     prompt = resolve_template(template).format(question=question)
-    full_ids = tokenizer(prompt + answer, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-    prompt_length = min(len(tokenizer(prompt, add_special_tokens=True)["input_ids"]), len(full_ids))
-    full_ids = full_ids[:max_length]
-    labels = [IGNORE_INDEX] * min(prompt_length, len(full_ids)) + full_ids[prompt_length:]
+    full_ids = tokenizer(prompt + answer, add_special_tokens=True)["input_ids"][:max_length]
+    if not full_ids or full_ids[-1] != tokenizer.eos_token_id:
+        full_ids = full_ids + [tokenizer.eos_token_id]
+    prompt_length = min(len(tokenizer(prompt, add_special_tokens=True)["input_ids"][:max_length]), len(full_ids))
+    labels = [IGNORE_INDEX] * prompt_length + full_ids[prompt_length:]
     return EncodedExample(full_ids, labels, prompt_length)
 
 

@@ -22,6 +22,8 @@ from orchestrator.data import (
 from orchestrator.data.embedded import AUTHOR_FACTS
 from orchestrator.data.training import BATCH_SPLITS, TEMPLATE_ANSWERS, UnlearningDataset, collate_splits, training_rows
 from orchestrator.encoding import IGNORE_INDEX, encode_pair, encode_text
+
+M_ = IGNORE_INDEX
 from orchestrator.tokenizer import benchmark_texts, train_tokenizer
 
 QA_FIELDS = {"id", "question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer"}
@@ -455,3 +457,19 @@ def test_embedded_muse_kind_is_the_generators_text_corpus():
     with pytest.raises(DataError, match="knowmem_retain"):
         data.check_muse_splits({k: v for k, v in muse.items() if k != "knowmem_retain"},
                                "text_forget", "text_retain", "text_holdout")
+
+
+@pytest.mark.parametrize("max_length, input_ids, labels", [
+    # Template "Q: {question} A: " with question "x y" → prompt "Q: x y A: " = BOS + 4 words; answer "a b c" →
+    # BOS + 7 words = [1, 10..16]; the prompt alone is 5 ids, so the answer's labels start at position 5.
+    # Room to spare: all 8 ids, EOS appended, labels on the answer and the EOS.
+    (16, [1, 10, 11, 12, 13, 14, 15, 16, 2], [M_] * 5 + [14, 15, 16, 2]),
+    # max_length 7: cut to [1, 10..15] FIRST, then EOS: the long answer keeps its end-of-sequence token.
+    (7, [1, 10, 11, 12, 13, 14, 15, 2], [M_] * 5 + [14, 15, 2]),
+    # A prompt longer than max_length 3: the cut prompt masks everything but the appended EOS.
+    (3, [1, 10, 11, 2], [M_] * 3 + [2]),
+])
+def test_encode_pair_truncates_then_appends_eos(max_length, input_ids, labels):
+    example = encode_pair(WordTokenizer(), "x y", "a b c", "Q: {question} A: ", max_length)
+    assert example.input_ids == input_ids
+    assert example.labels == labels
