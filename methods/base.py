@@ -73,6 +73,11 @@ class UnlearningMethod:
         """Decoder layer whose output the worker hands over as ModelOutput.hidden (None: not needed)."""
         return None
 
+    def uses_reference(self) -> bool:
+        """Whether the frozen reference is needed (the worker builds it only then); a method whose reference
+        term can be switched off overrides this."""
+        return bool(self.reference_splits)
+
     def trainable(self, parameter_name: str) -> bool:
         """Whether a parameter of the trained module is updated (RMU restricts this)."""
         return True
@@ -191,11 +196,21 @@ def nll(out: ModelOutput) -> torch.Tensor:
     return -logprobs.sum() / mask.sum().clamp(min=1.0)
 
 
-def kl_to_reference(policy: ModelOutput, reference: ModelOutput) -> torch.Tensor:
-    """KL(p_ref ‖ p_θ) per token over every non-padding position, averaged over those positions."""
+# How KL(p_ref ‖ p_θ) is averaged: "batchmean" sums over every position of the [batch, seq] grid, padding
+# included, and divides by batch·seq, as open-unlearning does (torch's reduction="batchmean" on the
+# flattened logits); "tokens" averages over non-padding positions only.
+KL_REDUCTIONS = ("batchmean", "tokens")
+
+
+def kl_to_reference(policy: ModelOutput, reference: ModelOutput, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(p_ref ‖ p_θ) per token position, averaged as ``reduction`` says (KL_REDUCTIONS)."""
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"KL reduction {reduction!r}: expected one of {', '.join(KL_REDUCTIONS)}")
     log_p = torch.log_softmax(policy.logits.float(), dim=-1)
     log_ref = torch.log_softmax(reference.logits.float(), dim=-1)
     per_token = F.kl_div(log_p, log_ref, log_target=True, reduction="none").sum(-1)  # [batch, seq]
+    if reduction == "batchmean":
+        return per_token.mean()
     mask = policy.attention_mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 

@@ -1,5 +1,6 @@
 """KL — gradient ascent plus a KL anchor to the reference on retain inputs (open-unlearning ``GradDiff``
-with ``retain_loss_type: KL``): L = −NLL(D_f) + α·KL(p_ref ‖ p_θ) on D_r, token-level over all positions.
+with ``retain_loss_type: KL``): L = −NLL(D_f) + α·KL(p_ref ‖ p_θ) on D_r, token-level, averaged over
+batch·seq positions (padding included) as open-unlearning does; ``kl_reduction: tokens`` averages non-padding only.
 """
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ from typing import Any, ClassVar
 
 import torch
 
-from methods.base import MethodInputs, UnlearningMethod, kl_to_reference, nll, register_method
+from methods.base import KL_REDUCTIONS, MethodInputs, UnlearningMethod, kl_to_reference, nll, register_method
 
 
 @dataclass(frozen=True)
 class KLParams:
     alpha: float = 1.0  # α: weight of KL(p_ref ‖ p_θ) on retain inputs
+    # "batchmean": over all batch·seq positions, padding included (open-unlearning); "tokens": non-padding only.
+    kl_reduction: str = "batchmean"
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"kl: alpha must be ≥ 0, got {self.alpha}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl: kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
 
 
 @register_method("kl")
@@ -35,5 +40,6 @@ class KL(UnlearningMethod):
     }
 
     def objectives(self, inputs: MethodInputs) -> dict[str, torch.Tensor]:
-        retain = self.params.alpha * kl_to_reference(inputs.policy["retain"], inputs.reference["retain"])
+        retain = self.params.alpha * kl_to_reference(inputs.policy["retain"], inputs.reference["retain"],
+                                                   self.params.kl_reduction)
         return {"forget": -nll(inputs.policy["forget"]), "retain": retain}

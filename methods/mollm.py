@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from methods.base import (
+    KL_REDUCTIONS,
     MethodInputs,
     ModelOutput,
     UnlearningMethod,
@@ -49,8 +50,11 @@ class MOLLMParams:
     # without it the bounded forget gradient is the smallest, gets λ ≈ 1, and Adam turns that into full-size
     # steps against utility (embedded forget10, lr 5e-4, 10 epochs: utility loss 0.57 off vs 0.04 on).
     normalize_gradients: bool = True
+    kl_reduction: str = "batchmean"  # KL averaged over batch·seq positions (open-unlearning) or "tokens"
 
     def __post_init__(self) -> None:
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"mollm: kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
         if not self.divisor > 1.0:
             raise ValueError(f"mollm: divisor must be > 1 (log(1 − p/d) is undefined at p = 1 otherwise), "
                              f"got {self.divisor}")
@@ -79,7 +83,7 @@ class MOLLM(UnlearningMethod):
 
     Params: ClassVar[type] = MOLLMParams
     splits: ClassVar[tuple[str, ...]] = ("forget", "retain")
-    # The KL objective's reference; a class attribute, so it is built even when ``kl`` is off (then unused).
+    # The KL objective's reference (built only when ``kl`` is on: see uses_reference).
     reference_splits: ClassVar[tuple[str, ...]] = ("retain",)
     combine: ClassVar[str] = "mgda"
     # lr as for the other methods (TOFU's 1e-5 up to ~1e-3 for the embedded tiny models); divisor 2 (FedOSD)
@@ -91,13 +95,16 @@ class MOLLM(UnlearningMethod):
         "normalize_gradients": {"choice": [False, True]},
     }
 
+    def uses_reference(self) -> bool:
+        return self.params.kl
+
     def objectives(self, inputs: MethodInputs) -> dict[str, torch.Tensor]:
         params = self.params
         objectives: dict[str, torch.Tensor] = {}
         if params.forget:
             objectives["forget"] = unlearning_cross_entropy(inputs.policy["forget"], params.divisor)
         if params.kl:
-            objectives["kl"] = kl_to_reference(inputs.policy["retain"], inputs.reference["retain"])
+            objectives["kl"] = kl_to_reference(inputs.policy["retain"], inputs.reference["retain"], params.kl_reduction)
         if params.retain:
             objectives["retain"] = nll(inputs.policy["retain"])
         return objectives

@@ -123,9 +123,24 @@ def build_trained_module(config: dict[str, Any], ctx: WorkerContext, method: Unl
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(module, "enable_input_require_grads"):
             module.enable_input_require_grads()
-    reference = (frozen_copy(model_cfg["path"], model_cfg, stage, ctx.world_size, ctx.device)
-                 if method.reference_splits else None)
+    reference = None
+    if method.uses_reference():
+        # Under LoRA the frozen reference is the same base weights with the adapters switched off.
+        reference = (AdaptersOff(module) if train_cfg.get("lora")
+                     else frozen_copy(model_cfg["path"], model_cfg, stage, ctx.world_size, ctx.device))
     return module, reference, target
+
+
+class AdaptersOff:
+    """A LoRA model's base as a frozen reference: its own weights with the adapters disabled (peft), so the
+    reference costs no second copy of the model. Called like a module, under no_grad by the step."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, **inputs):
+        with self.model.disable_adapter():
+            return self.model(**inputs)
 
 
 def build_loop(config: dict[str, Any], ctx: WorkerContext, method: UnlearningMethod, module, rows, tokenizer) -> Loop:

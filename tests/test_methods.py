@@ -116,13 +116,14 @@ def test_graddiff(hand):
     assert got["retain"].item() == approx(1.3 * nll64(hand["retain"]))
 
 
-def kl64(policy: ModelOutput, reference: ModelOutput) -> float:
-    """KL(p_ref ‖ p_θ) at every non-padding position (answer or prompt), averaged over those positions."""
+def kl64(policy: ModelOutput, reference: ModelOutput, reduction: str = "batchmean") -> float:
+    """KL(p_ref ‖ p_θ) per position, averaged over every batch·seq position (padding included: the
+    reference's "batchmean") or over the non-padding positions only ("tokens")."""
     p_rows, r_rows, mask = rows(policy.logits), rows(reference.logits), policy.attention_mask.tolist()
     terms = []
     for b in range(len(mask)):
         for t in range(len(mask[b])):
-            if mask[b][t]:
+            if mask[b][t] or reduction == "batchmean":
                 vocab = range(len(p_rows[b][t]))
                 log_r = [log_softmax_at(r_rows[b][t], v) for v in vocab]
                 log_p = [log_softmax_at(p_rows[b][t], v) for v in vocab]
@@ -130,10 +131,24 @@ def kl64(policy: ModelOutput, reference: ModelOutput) -> float:
     return mean(terms)
 
 
-def test_kl(hand):
-    got = build_method("kl", alpha=0.5).objectives(inputs_of(hand))
+@pytest.mark.parametrize("reduction", ["batchmean", "tokens"])
+def test_kl(hand, reduction):
+    got = build_method("kl", alpha=0.5, kl_reduction=reduction).objectives(inputs_of(hand))
     assert got["forget"].item() == approx(-nll64(hand["forget"]))
-    assert got["retain"].item() == approx(0.5 * kl64(hand["retain"], hand["ref_retain"]))
+    assert got["retain"].item() == approx(0.5 * kl64(hand["retain"], hand["ref_retain"], reduction))
+
+
+def test_kl_reductions_by_hand():
+    # One sequence of 2 positions over a 2-token vocabulary; the second is padding. Position 1: policy
+    # (½, ½), reference (¾, ¼): KL = ¾·ln(¾/½) + ¼·ln(¼/½) = 0.3040988 − 0.1732868 = 0.1308120. Position 2:
+    # both (½, ½): 0. batchmean (open-unlearning) = 0.1308120 / 2; tokens = 0.1308120 / 1.
+    from methods.base import kl_to_reference
+
+    policy = ModelOutput(torch.zeros(1, 2, 2), torch.full((1, 2), IGNORE_INDEX), torch.tensor([[1, 0]]))
+    reference = ModelOutput(torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]]), policy.labels, policy.attention_mask)
+    assert kl_to_reference(policy, reference).item() == pytest.approx(0.0654060, abs=1e-6)
+    assert kl_to_reference(policy, reference, "tokens").item() == pytest.approx(0.1308120, abs=1e-6)
+    assert build_method("kl").params.kl_reduction == "batchmean"  # the reference's, by default
 
 
 @pytest.mark.parametrize("beta", [0.1, 2.0])

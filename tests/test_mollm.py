@@ -44,13 +44,14 @@ def nll64(out: ModelOutput) -> float:
     return -sum(logprobs) / len(logprobs)
 
 
-def kl64(policy: ModelOutput, reference: ModelOutput) -> float:
-    """Σ_v p_ref(v)·(log p_ref(v) − log p_θ(v)) per non-padding position, averaged over those positions."""
+def kl64(policy: ModelOutput, reference: ModelOutput, padding_too: bool = True) -> float:
+    """Σ_v p_ref(v)·(log p_ref(v) − log p_θ(v)) per position, averaged over every batch·seq position (the
+    reference's batchmean) or, with ``padding_too=False``, over the non-padding ones."""
     pol, ref, mask = policy.logits.double().tolist(), reference.logits.double().tolist(), policy.attention_mask.tolist()
     total, count = 0.0, 0
     for b in range(len(mask)):
         for t in range(len(mask[b])):
-            if mask[b][t]:
+            if mask[b][t] or padding_too:
                 log_p, log_r = log_softmax64(pol[b][t]), log_softmax64(ref[b][t])
                 total += sum(math.exp(r) * (r - p) for p, r in zip(log_p, log_r))
                 count += 1
@@ -116,6 +117,13 @@ def test_objectives_match_float64_transcriptions(divisor):
     assert objectives["forget"].item() == pytest.approx(uce64(batch.policy["forget"], divisor), rel=1e-5)
     assert objectives["kl"].item() == pytest.approx(kl64(batch.policy["retain"], batch.reference["retain"]), rel=1e-5)
     assert objectives["retain"].item() == pytest.approx(nll64(batch.policy["retain"]), rel=1e-5)
+    tokens = build_method("mollm", divisor=divisor, kl_reduction="tokens").objectives(batch)["kl"].item()
+    assert tokens == pytest.approx(kl64(batch.policy["retain"], batch.reference["retain"], padding_too=False), rel=1e-5)
+
+
+def test_the_reference_is_built_only_for_the_kl_objective():
+    assert build_method("mollm").uses_reference()
+    assert not build_method("mollm", kl=False).uses_reference()
 
 
 def test_switched_off_objectives_are_absent_and_kl_off_needs_no_reference():
