@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from orchestrator.evaluation.scorer import ModelScorer, Scorer
 
 ULD_CONFIG_NAME = "uld.json"
-# Logit given to filtered tokens during generation (the repo's value): far below any kept logit.
+# Logit of every filtered token, teacher-forced and in generation (the repo's generation value): far below any kept one.
 FILTERED_LOGIT = -1e3
 
 
@@ -127,7 +127,14 @@ def relative_top_mask(target_logits: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 class LogitDifferenceScorer(Scorer):
-    """Scores ``target − alpha·assistant`` on the target's relative-top tokens, ``target`` elsewhere."""
+    """Scores ``target − alpha·assistant`` on the target's relative-top tokens; every other token gets
+    FILTERED_LOGIT, so it is never generated.
+
+    One rule for teacher-forced scoring and generation: the model scored is the model served. (The ULD
+    repository's teacher-forced forward leaves filtered tokens at the target's logit while its greedy
+    decoding sets them to −1e3; scored that way, extraction strength and exact memorisation could count
+    an argmax that generation never emits.)
+    """
 
     def __init__(self, target: torch.nn.Module, assistant: torch.nn.Module, alpha: float, filter_rate: float) -> None:
         if alpha < 0:
@@ -139,30 +146,27 @@ class LogitDifferenceScorer(Scorer):
         self.alpha = alpha
         self.filter_rate = filter_rate
 
-    def _difference(self, target_logits: torch.Tensor, assistant_logits: torch.Tensor, filtered: float | None) -> torch.Tensor:
-        """Composite logits; filtered tokens keep the target's logit (filtered=None) or get ``filtered``."""
+    def _difference(self, target_logits: torch.Tensor, assistant_logits: torch.Tensor) -> torch.Tensor:
         target_logits = target_logits.float()
         kept = relative_top_mask(target_logits, self.filter_rate)
         adjusted = target_logits - self.alpha * assistant_logits.float()
-        elsewhere = target_logits if filtered is None else torch.full_like(target_logits, filtered)
-        return torch.where(kept, adjusted, elsewhere)
+        return torch.where(kept, adjusted, torch.full_like(target_logits, FILTERED_LOGIT))
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._difference(
-            self.target.logits(input_ids, attention_mask), self.assistant.logits(input_ids, attention_mask), None
-        )
+        return self._difference(self.target.logits(input_ids, attention_mask),
+                                self.assistant.logits(input_ids, attention_mask))
 
     # Generation keeps one KV cache per model; the state is the pair of ModelScorer states.
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
         target_logits, target_state = self.target.start(input_ids, attention_mask)
         assistant_logits, assistant_state = self.assistant.start(input_ids, attention_mask)
-        return self._difference(target_logits, assistant_logits, FILTERED_LOGIT), (target_state, assistant_state)
+        return self._difference(target_logits, assistant_logits), (target_state, assistant_state)
 
     def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         target_state, assistant_state = state
         target_logits, target_state = self.target.step(tokens, target_state)
         assistant_logits, assistant_state = self.assistant.step(tokens, assistant_state)
-        return self._difference(target_logits, assistant_logits, FILTERED_LOGIT), (target_state, assistant_state)
+        return self._difference(target_logits, assistant_logits), (target_state, assistant_state)
 
 
 # ---------------------------------------------------------------- save / load as a unit

@@ -141,7 +141,7 @@ def test_relative_top_mask_keeps_the_documented_tokens():
 
 
 # ---------------------------------------------------------------- the composite scorer
-def test_composite_logits_subtract_the_assistant_on_kept_tokens_only():
+def test_composite_logits_subtract_the_assistant_on_kept_tokens_and_filter_the_rest():
     target = tiny_target(logit_scale=60.0)
     assistant = build_assistant(target, 1, lora_rank=4, lora_alpha=8, lora_dropout=0.0).eval()
     randomise_lora(assistant)
@@ -157,7 +157,10 @@ def test_composite_logits_subtract_the_assistant_on_kept_tokens_only():
     assert kept.any() and (~kept).any()  # both branches are exercised
     assert not torch.allclose(assistant_logits[kept], torch.zeros_like(assistant_logits[kept]))
     torch.testing.assert_close(composite[kept], target_logits[kept] - alpha * assistant_logits[kept])
-    torch.testing.assert_close(composite[~kept], target_logits[~kept])
+    # Filtered tokens get the same logit as in generation (one rule): teacher-forced argmax == generated token.
+    assert (composite[~kept] == FILTERED_LOGIT).all()
+    assert (composite.argmax(-1)[..., None] == composite.topk(1, dim=-1).indices).all()
+    assert kept.gather(-1, composite.argmax(-1, keepdim=True)).all()
 
 
 class ShiftedLogits(torch.nn.Module):
@@ -176,8 +179,8 @@ class ShiftedLogits(torch.nn.Module):
 
 def test_generation_never_emits_a_filtered_token():
     # The assistant scores every token +300 higher, so target − α·assistant on kept tokens falls ~300
-    # below the target's logits of the filtered ones: the teacher-forced composite's argmax is a
-    # FILTERED token, and only the −1e3 of generation keeps greedy decoding inside the kept set.
+    # below the target's logits of the filtered ones: only the −1e3 on filtered tokens keeps the argmax
+    # inside the kept set, teacher-forced (what ES/EM read) as in greedy decoding.
     target = tiny_target(logit_scale=60.0)
     assistant = ShiftedLogits(build_assistant(target, 1, 4, 8, 0.0).eval(), torch.full((VOCAB,), 300.0))
     rate = 0.05
@@ -187,7 +190,7 @@ def test_generation_never_emits_a_filtered_token():
         first = scorer.logits(input_ids, attention_mask)[:, -1]
         target_last = target(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
     kept_first = relative_top_mask(target_last, rate)
-    assert not kept_first.gather(1, first.argmax(-1, keepdim=True)).any()  # unfiltered argmax is filtered
+    assert kept_first.gather(1, first.argmax(-1, keepdim=True)).all()  # teacher-forced argmax is a kept token
 
     generated = scorer.generate(input_ids, attention_mask, max_new_tokens=6, eos_token_id=2, pad_token_id=0)
     for row in range(input_ids.shape[0]):
