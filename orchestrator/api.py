@@ -91,6 +91,8 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5",
     "RAY_DEDUP_LOGS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's CLIReporter with our columns (method, epoch, FQ, MU, utility loss)
+    # Epochs without an evaluation report no score (not a stand-in): Tune's schedulers and searchers skip them.
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
 }
 
 
@@ -207,8 +209,12 @@ def run(spec: JobSpec | str | os.PathLike, run_dir: str | os.PathLike | None = N
     check_capacity(spec, cpus, gpus)
     run_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
     log(f"run {run_id}: {run_dir}")
+    if spec.forget_axis() == "forget_prob":
+        log("warning: no retain model (model.retain): forget quality and privleak are not measured; trials are "
+            "searched and ranked on the forget-answer probability instead")
     prepared = prepare(spec, ray_fit(run_dir), log)
     log(f"prepare: done in {prepared.seconds:.0f} s")
+    check_target_utility(spec, prepared.target_model_utility)
     base = base_trial_config(spec, run_dir, run_id, prepared)
     for row in prepared.reference_rows:
         write_evals(run_dir, [reference_row(base, row)], row["trial_id"], 0)
@@ -304,8 +310,17 @@ def reference_row(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k in EVALS_SCHEMA.names}
     out.update(run_id=base["run_id"], step=0, seed=base["seed"], spec_hash=base["spec_hash"],
                git_sha=base["git_sha"], versions=base["versions"], num_workers=1,
-               zero_stage=base["scaling"]["zero_stage"])
+               zero_stage=base["scaling"]["zero_stage"], benchmark=base["benchmark"]["kind"])
     return out
+
+
+def check_target_utility(spec: JobSpec, target_model_utility: float | None) -> None:
+    """Utility loss is 1 − MU/MU(target): with a target utility of 0 no trial's could be measured, and a sweep
+    on it would optimise nothing (known only once prepare has scored the target)."""
+    needs = spec.sweep.metric in ("score", "model_utility") or spec.sweep.multi_objective
+    if needs and target_model_utility == 0:
+        raise SpecError(f"field 'model.target': the target's model utility is 0, so utility loss (1 − MU/MU_target) "
+                        f"is undefined and sweep.metric {spec.sweep.metric!r} cannot be computed")
 
 
 def prepare_only(spec: JobSpec, address: str | None = None, log: Callable[[str], None] = print):

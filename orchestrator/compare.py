@@ -8,12 +8,13 @@ Forget quality (FQ) is a KS p-value spanning hundreds of orders of magnitude, so
 ``log10(FQ)``; utility loss is ``1 − MU/MU_target``. Per trial the best epoch under a utility-loss
 ceiling represents the trial; trials are Pareto-ranked, then ordered within a front by FQ and cost.
 
-MUSE runs (``benchmark.kind: muse``; recognised as evals with no forget quality anywhere but VerbMem)
-have no truth ratios, so no FQ. Their forget axis is VerbMem on the forget text (lower is better: the
-ranking maximises ``−verbmem_forget``), model utility is KnowMem on retain questions
-(``model_utility = knowmem_retain``) and ``utility_loss = 1 − knowmem_retain / knowmem_retain(target)``,
-the target of the same run. Everything else — the ceiling, best epoch, fronts, cost tie-break — is the
-same, with VerbMem ↓ in place of FQ ↑. ``log10_fq`` stays NaN on MUSE rows.
+The forget axis is chosen per table (``results.forget_axis``, rule in ``scores.forget_axis``): log10 FQ
+where forget quality was measured; on MUSE runs (``benchmark.kind: muse``), which have no truth ratios,
+VerbMem on the forget text (lower is better: the ranking maximises ``−verbmem_forget``), with model
+utility = KnowMem on retain questions and ``utility_loss = 1 − knowmem_retain / knowmem_retain(target)``
+of the same run; on TOFU runs without a retain model (no forget quality), the forget-answer probability
+(lower is better). Everything else — the ceiling, best epoch, fronts, cost tie-break — is the same.
+``log10_fq`` stays NaN where FQ was not measured.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from orchestrator import report, results, scores
-from orchestrator.results import REFERENCE_METHODS, benchmark_kind
+from orchestrator.results import REFERENCE_METHODS, benchmark_kind, forget_axis
 DEFAULT_UTILITY_CEILING = 0.10
 
 # Columns best_epochs adds to the chosen evaluation row of each trial.
@@ -75,9 +76,9 @@ def _is_measured(forget: float, utility_loss: Any) -> bool:
     return not math.isnan(forget) and not math.isnan(_as_float(utility_loss))
 
 
-def forget_axis(kind: str) -> Callable[[dict[str, Any]], float]:
-    """The forget score a ranking maximises, per row (scores.forget_score); NaN if missing."""
-    return lambda row: _as_float(scores.forget_score(row, kind))
+def forget_function(axis: str) -> Callable[[dict[str, Any]], float]:
+    """The forget score a ranking maximises, per row (scores.forget_score on ``axis``); NaN if missing."""
+    return lambda row: _as_float(scores.forget_score(row, axis))
 
 
 def muse_utility(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -166,9 +167,8 @@ def best_epochs(evals: pa.Table, utility_ceiling: float = DEFAULT_UTILITY_CEILIN
     """
     if not math.isfinite(utility_ceiling):
         raise ValueError(f"utility_ceiling must be a finite number, got {utility_ceiling}")
-    kind = benchmark_kind(evals)
-    forget = forget_axis(kind)
-    if kind == "muse":
+    forget = forget_function(forget_axis(evals))
+    if benchmark_kind(evals) == "muse":
         evals = pa.Table.from_pylist(muse_utility(evals.to_pylist()), schema=evals.schema)
     trials, references = [], []
     for rows in _rows_by_trial(evals).values():
@@ -213,8 +213,8 @@ def pareto_fronts(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _summary_forget(table: pa.Table) -> Callable[[dict[str, Any]], float]:
-    """The forget axis of summary rows (``best_epochs`` output): their ``log10_fq``, or −VerbMem on MUSE."""
-    return forget_axis("muse") if benchmark_kind(table) == "muse" else (lambda row: row["log10_fq"])
+    """The forget axis of summary rows (``best_epochs`` output)."""
+    return forget_function(forget_axis(table))
 
 
 def _ranking_group(row: dict[str, Any], forget: Callable[[dict[str, Any]], float]) -> int:

@@ -49,7 +49,8 @@ def benchmark_config(spec: JobSpec) -> dict[str, Any]:
                                 "real_authors", "world_facts"]}
     if b.kind == "muse":  # only for MUSE, so TOFU's evaluation cache keys stay what they were
         load_args["kind"] = "muse"
-    return {"source": b.source, "kind": b.kind, "generator": load_args, "forget_split": b.forget_split,
+    return {"source": b.source, "kind": b.kind, "forget_axis": spec.forget_axis(), "generator": load_args,
+            "forget_split": b.forget_split,
             "retain_split": b.retain_split, "holdout_split": b.holdout_split}
 
 
@@ -178,16 +179,27 @@ def model_config(spec: JobSpec, model_path: str, tokenizer_path: str) -> dict[st
             "trust_remote_code": m.trust_remote_code, "prompt_template": m.prompt_template}
 
 
+# Forget quality and privleak compare a model with the retain model; for the retain model itself both hold
+# by definition (FQ 1, privleak 0), which is not a measurement: its row leaves them null and says why.
+RETAIN_IS_THE_REFERENCE = "the retain model is the reference this metric compares with"
+
+
 def reference_rows(target: dict[str, Any], retain: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Evals rows for the two reference points; utility loss is relative to the target."""
     rows = [dict(target, method="target")]
     if retain is not None:
-        rows.append(dict(retain, method="retain"))
+        rows.append(dict(retain, method="retain", forget_quality=None, privleak=None))
     target_mu = target.get("model_utility")
     for row in rows:
+        reasons = dict(row.get("not_measured") or {})
         row.update(epoch=0, status="ok", trial_id=row["method"], params="{}")
         mu = row.get("model_utility")
         row["utility_loss"] = 1.0 - mu / target_mu if mu is not None and target_mu else None
+        if row["utility_loss"] is not None:
+            reasons.pop("utility_loss", None)
+        if row["method"] == "retain":
+            reasons.update(forget_quality=RETAIN_IS_THE_REFERENCE, privleak=RETAIN_IS_THE_REFERENCE)
+        row["not_measured"] = json.dumps(reasons, sort_keys=True)
     return rows
 
 

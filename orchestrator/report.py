@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from orchestrator.results import benchmark_kind
+from orchestrator.results import forget_axis
 
 SCATTER_FILE = "fq_vs_utility_loss.png"
 CURVES_FILE = "learning_curves.png"
@@ -79,8 +79,9 @@ def _rank_cell(row: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class _ForgetMetric:
-    """How a run's forgetting is shown: FQ for TOFU runs, VerbMem for MUSE ones (no FQ there), in the
-    tables (with a companion column) and on the figures' forget axis."""
+    """How a run's forgetting is shown, per forget axis (scores.forget_axis): FQ, VerbMem (MUSE) or the
+    forget-answer probability (TOFU without a retain model), in the tables (with a companion column) and
+    on the figures' forget axis."""
 
     column: str
     header: str
@@ -92,16 +93,20 @@ class _ForgetMetric:
 
 
 _FORGET_METRICS = {
-    "tofu": _ForgetMetric("forget_quality", "FQ", ".2e", ("forget_rouge", "forget ROUGE"),
+    "forget_quality": _ForgetMetric("forget_quality", "FQ", ".2e", ("forget_rouge", "forget ROUGE"),
                           "forget quality  (KS p-value, higher is better)", "forget quality", True),
     # MUSE has no FQ or forget ROUGE: VerbMem and KnowMem on forget questions take their place.
-    "muse": _ForgetMetric("verbmem_forget", "VerbMem", ".3f", ("knowmem_forget", "KnowMem forget"),
-                          "VerbMem on the forget set  (ROUGE-L F1, lower is better)", "VerbMem", False),
+    "verbmem": _ForgetMetric("verbmem_forget", "VerbMem", ".3f", ("knowmem_forget", "KnowMem forget"),
+                             "VerbMem on the forget set  (ROUGE-L F1, lower is better)", "VerbMem", False),
+    # No retain model, so no FQ: what is measured of the forgetting is the forget answers' probability.
+    "forget_prob": _ForgetMetric("forget_prob", "forget prob", ".3f", ("forget_rouge", "forget ROUGE"),
+                                 "forget-answer probability  (no retain model: lower is better)", "forget prob",
+                                 False),
 }
 
 
 def _forget_metric(table: pa.Table) -> _ForgetMetric:
-    return _FORGET_METRICS[benchmark_kind(table)]
+    return _FORGET_METRICS[forget_axis(table)]
 
 
 def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:

@@ -36,10 +36,16 @@ EVALS_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()), ("trial_id", pa.string()), ("method", pa.string()), ("params", pa.string()),
         ("status", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()),
+        # null for the trial itself; "relearn", "int8", "int4" for a robustness probe of its checkpoint
+        ("probe", pa.string()),
     ]
     + [(name, pa.float64()) for name in METRIC_COLUMNS]
     + list(COST_COLUMNS)
-    + [("seed", pa.int64()), ("spec_hash", pa.string()), ("git_sha", pa.string()), ("versions", pa.string())]
+    + [("seed", pa.int64()), ("spec_hash", pa.string()), ("git_sha", pa.string()), ("versions", pa.string()),
+       # "tofu" or "muse": which forget axis the comparison uses (scores.forget_axis)
+       ("benchmark", pa.string()),
+       # JSON {metric: why it is null}: a metric that was not measured carries no stand-in value
+       ("not_measured", pa.string())]
 )
 # Method-specific numbers go in extra.<name> float64 columns appended after the schema's own.
 
@@ -71,7 +77,7 @@ def evals_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Rows → table with EVALS_SCHEMA's columns (missing ones null) plus any ``extra.*`` columns."""
     rows = [dict(row) for row in rows]
     for row in rows:
-        for key in ("params", "versions"):
+        for key in ("params", "versions", "not_measured"):
             if isinstance(row.get(key), dict):
                 row[key] = json.dumps(row[key], sort_keys=True)
     extras = sorted({key for row in rows for key in row if key.startswith("extra.")})
@@ -129,17 +135,22 @@ def read_samples(run_dir: str | os.PathLike) -> pa.Table:
     return _read_dir(Path(run_dir) / "samples", SAMPLES_SCHEMA)
 
 
+def _measured(evals: pa.Table, column: str) -> bool:
+    return column in evals.column_names and any(v is not None and v == v for v in evals.column(column).to_pylist())
+
+
 def benchmark_kind(evals: pa.Table) -> str:
-    """``"muse"`` when no row has a forget quality but some row has VerbMem, else ``"tofu"``.
+    """``"tofu"`` or ``"muse"``: the rows' ``benchmark`` column; for tables written before it existed, "muse"
+    when no row has a forget quality but some row has VerbMem."""
+    if "benchmark" in evals.column_names:
+        kinds = {v for v in evals.column("benchmark").to_pylist() if v}
+        if kinds:
+            return "muse" if kinds == {"muse"} else "tofu"
+    return "muse" if not _measured(evals, "forget_quality") and _measured(evals, "verbmem_forget") else "tofu"
 
-    The embedded TOFU benchmark also measures VerbMem (its text corpus), but always has FQ: its retain
-    model is trained by prepare, so the target row at least carries one.
-    """
-    names = set(evals.column_names)
-    if not {"verbmem_forget", "forget_quality"} <= names:
-        return "tofu"
 
-    def measured(column: str) -> bool:
-        return any(v is not None and v == v for v in evals.column(column).to_pylist())  # v == v: not NaN
+def forget_axis(evals: pa.Table) -> str:
+    """The forget axis these rows are compared on (scores.forget_axis)."""
+    from orchestrator.scores import forget_axis as axis_for
 
-    return "muse" if not measured("forget_quality") and measured("verbmem_forget") else "tofu"
+    return axis_for(benchmark_kind(evals), _measured(evals, "forget_quality"))

@@ -3,8 +3,9 @@
 - log10 of forget quality: FQ is a KS-test p-value, which underflows to 0 in float64 for very different
   samples; it counts as ``FQ_FLOOR`` (log10 = −300), so Tune, the dashboards and the ranking all see the
   same finite number. A forget quality that was not measured stays None, never a stand-in.
-- the forget axis per benchmark kind: log10 FQ (TOFU, higher is better) or −VerbMem (MUSE, which has no
-  truth ratios; VerbMem is ROUGE-L F1 in [0, 1], lower is better).
+- the forget axis, higher is better, chosen per run by ``forget_axis``: log10 FQ where a retain model gives
+  forget quality (TOFU); −VerbMem on MUSE (no truth ratios; ROUGE-L F1 in [0, 1]); −forget probability on
+  TOFU data without a retain model (the forgetting that can still be measured).
 - the sweep's scalar score: forget axis − utility_weight · max(0, utility loss).
 """
 from __future__ import annotations
@@ -14,6 +15,12 @@ from typing import Any, Mapping
 
 FQ_FLOOR = 1e-300
 KINDS = ("tofu", "muse")
+# axis name → the metric it reads and the sign that makes higher better
+AXES: dict[str, tuple[str, float]] = {
+    "forget_quality": ("forget_quality", 1.0),  # log10 of it
+    "verbmem": ("verbmem_forget", -1.0),
+    "forget_prob": ("forget_prob", -1.0),
+}
 
 
 def _finite(value: Any) -> float | None:
@@ -31,19 +38,29 @@ def log10_forget_quality(forget_quality: Any) -> float | None:
     return math.log10(max(fq, FQ_FLOOR))
 
 
-def forget_score(metrics: Mapping[str, Any], kind: str) -> float | None:
-    """The forget axis, higher is better: log10 FQ (TOFU) or −VerbMem (MUSE); None when not measured."""
+def forget_axis(kind: str, has_forget_quality: bool) -> str:
+    """Which forget axis a run is compared on: its benchmark kind and whether it measures forget quality."""
     if kind not in KINDS:
         raise ValueError(f"benchmark kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "muse":
-        verbmem = _finite(metrics.get("verbmem_forget"))
-        return None if verbmem is None else -verbmem
-    return log10_forget_quality(metrics.get("forget_quality"))
+        return "verbmem"
+    return "forget_quality" if has_forget_quality else "forget_prob"
 
 
-def score(metrics: Mapping[str, Any], utility_weight: float, kind: str = "tofu") -> float | None:
+def forget_score(metrics: Mapping[str, Any], axis: str) -> float | None:
+    """The forget axis's value for one row, higher is better; None when not measured."""
+    if axis not in AXES:
+        raise ValueError(f"forget axis {axis!r}: expected one of {', '.join(AXES)}")
+    metric, sign = AXES[axis]
+    if axis == "forget_quality":
+        return log10_forget_quality(metrics.get(metric))
+    value = _finite(metrics.get(metric))
+    return None if value is None else sign * value
+
+
+def score(metrics: Mapping[str, Any], utility_weight: float, axis: str = "forget_quality") -> float | None:
     """What a single-objective search maximises; None when either axis was not measured."""
-    forget, loss = forget_score(metrics, kind), _finite(metrics.get("utility_loss"))
+    forget, loss = forget_score(metrics, axis), _finite(metrics.get("utility_loss"))
     if forget is None or loss is None:
         return None
     return forget - utility_weight * max(0.0, loss)

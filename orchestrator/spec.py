@@ -278,11 +278,33 @@ class JobSpec(_Strict):
             raise ValueError("sweep.scheduler: asha needs one scalar metric, not sweep.multi_objective")
         if self.scaling.offload and self.scaling.zero_stage != 3:
             raise ValueError("scaling.offload: needs scaling.zero_stage: 3")
-        if self.model.target != "embedded" and self.model.retain is None and self.benchmark.source != "embedded":
-            pass  # forget quality is then left empty; documented in README
         if self.benchmark.kind == "muse":
             self._check_muse()
+        self._check_metric_is_measured()
         return self
+
+    def has_retain_model(self) -> bool:
+        """A retain model exists: prepare trains one (embedded target) or the spec names one."""
+        return self.model.target == "embedded" or self.model.retain is not None
+
+    def forget_axis(self) -> str:
+        """What the sweep's score and the ranking take as forgetting (scores.forget_axis)."""
+        from orchestrator.scores import forget_axis
+
+        return forget_axis(self.benchmark.kind, self.benchmark.kind == "tofu" and self.has_retain_model())
+
+    def _check_metric_is_measured(self) -> None:
+        """Refuse a sweep whose metric no trial could measure: Tune would optimise nothing."""
+        sweep = self.sweep
+        needs_fq = sweep.metric == "log10_forget_quality" or sweep.multi_objective
+        if needs_fq and self.forget_axis() == "forget_prob":
+            field = "sweep.multi_objective" if sweep.multi_objective else "sweep.metric"
+            raise ValueError(f"{field}: searches on log10 forget quality, which needs a retain model "
+                             "(model.retain); without one use sweep.metric score (forget probability) or model_utility")
+        needs_utility = sweep.metric in ("score", "model_utility") or sweep.multi_objective
+        if needs_utility and not self.evaluation.generation:
+            raise ValueError("evaluation.generation: false leaves model utility unmeasured (it needs greedy answers), "
+                             f"which sweep.metric {sweep.metric!r} needs; turn generation on or use log10_forget_quality")
 
     def _check_muse(self) -> None:
         """MUSE has no truth ratios (no forget quality) and its forget set is documents, not questions."""

@@ -22,6 +22,7 @@ class EpochStats:
     tokens: int = 0
     seconds: float = 0.0
     diverged: bool = False
+    extras: dict[str, float] = field(default_factory=dict)  # the method's own numbers at the epoch's end
 
 
 def trainable_parameters(module: torch.nn.Module, method: UnlearningMethod) -> list[torch.nn.Parameter]:
@@ -70,11 +71,22 @@ def to_device(batches: dict[str, dict[str, torch.Tensor]], device: torch.device)
     return {split: {k: v.to(device, non_blocking=True) for k, v in batch.items()} for split, batch in batches.items()}
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A scalar averaged over the gang (a collective); itself on one process."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    total = value.detach().clone().float()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
+
+
 def update(engine, method: UnlearningMethod, objectives: dict[str, torch.Tensor],
-           parameters: list[torch.nn.Parameter]) -> dict[str, float]:
+           parameters: list[torch.nn.Parameter], epoch: int = 1) -> dict[str, float]:
     """Turn objectives into one optimizer step: a sum, or the min-norm common descent direction (whose
-    per-objective weights are returned)."""
+    per-objective weights are returned). At each optimizer step (not each micro-batch under gradient
+    accumulation) the method sees the step (``after_step``: PDU's dual update)."""
     weights: dict[str, float] = {}
+    boundary = engine.is_gradient_accumulation_boundary()
     if method.combine == "mgda":
         from orchestrator.multiobjective import common_descent_backward
 
@@ -84,6 +96,8 @@ def update(engine, method: UnlearningMethod, objectives: dict[str, torch.Tensor]
     else:
         engine.backward(sum(objectives.values()))
     engine.step()
+    if boundary:
+        method.after_step(epoch, mean_over_ranks)
     return weights
 
 
@@ -108,7 +122,7 @@ def all_ranks_finite(values, device: torch.device) -> bool:
     return finite
 
 
-def run_epoch(engine, reference, method, loader, parameters, device) -> EpochStats:
+def run_epoch(engine, reference, method, loader, parameters, device, epoch: int = 1) -> EpochStats:
     stats = EpochStats()
     start = time.perf_counter()
     sums: dict[str, float] = {}
@@ -120,7 +134,7 @@ def run_epoch(engine, reference, method, loader, parameters, device) -> EpochSta
         if not all_ranks_finite(objectives.values(), device):
             stats.diverged = True
             break
-        weights = update(engine, method, objectives, parameters)
+        weights = update(engine, method, objectives, parameters, epoch)
         for name, value in objectives.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         for name, value in weights.items():
@@ -133,6 +147,7 @@ def run_epoch(engine, reference, method, loader, parameters, device) -> EpochSta
     steps = max(1, stats.steps)
     stats.losses = {name: value / steps for name, value in sums.items()}
     stats.weights = {name: value / steps for name, value in weight_sums.items()}
+    stats.extras = dict(method.extras())
     return stats
 
 

@@ -53,9 +53,13 @@ METRICS: dict[str, MetricInfo] = {
         TRIAL_TAGS + ("objective",)),
     "unlearn_objective_weight": MetricInfo(
         "gauge", "MOLLM/MGDA weight of each objective in the common descent direction, mean over the last epoch: "
-                 "weight=lambda the min-norm coefficients, weight=effective λ·(gradient rescaling) when gradients "
-                 "are normalised.",
+                 "weight=lambda the min-norm coefficients, weight=effective lambda times the gradient rescaling when "
+                 "gradients are normalised.",
         TRIAL_TAGS + ("objective", "weight")),
+    "unlearn_method_state": MetricInfo(
+        "gauge", "A method's own per-epoch numbers (its extra.* columns), e.g. PDU's dual variable "
+                 "(name=dual.lambda), at the end of the last epoch.",
+        TRIAL_TAGS + ("name",)),
     "unlearn_tokens_per_second": MetricInfo(
         "gauge", "Training throughput of the whole gang over the last epoch (non-padding tokens per second).",
         TRIAL_TAGS, "short"),
@@ -96,6 +100,7 @@ def epoch_samples(stats: Any, row: dict[str, Any]) -> list[Sample]:
     epoch evaluated: a diverged row carries the previous evaluation's values, which were recorded then."""
     samples = [Sample("unlearn_train_loss", v, {"objective": k}) for k, v in stats.losses.items()]
     samples += [_weight_sample(name, value) for name, value in stats.weights.items()]
+    samples += [Sample("unlearn_method_state", value, {"name": name}) for name, value in stats.extras.items()]
     if stats.seconds > 0:
         samples.append(Sample("unlearn_tokens_per_second", stats.tokens / stats.seconds, {}))
     if stats.tokens > 0:

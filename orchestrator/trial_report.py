@@ -23,16 +23,21 @@ def epoch_metrics(config: dict[str, Any], row: dict[str, Any], stats: EpochStats
         metrics[f"loss.{name}"] = value
     for name, value in stats.weights.items():  # MGDA: λ per objective ("weight.*": after normalisation)
         metrics[f"extra.{name}" if name.startswith("weight.") else f"extra.lambda.{name}"] = value
-    value = (score(metrics, config["utility_weight"], config["benchmark"]["kind"])
+    for name, value in stats.extras.items():  # the method's own numbers (PDU: dual.lambda)
+        metrics[f"extra.{name}"] = value
+    # An epoch without a measured score reports none (Tune's schedulers skip such results): "not measured"
+    # must not look like "diverged", which reports DIVERGED_SCORE so schedulers rank it last.
+    value = (score(metrics, config["utility_weight"], config["benchmark"]["forget_axis"])
              if metrics["status"] != "diverged" else DIVERGED_SCORE)
-    metrics["score"] = DIVERGED_SCORE if value is None else value
+    if value is not None:
+        metrics["score"] = value
     if metrics.get("forget_quality") is not None:
         metrics["log10_forget_quality"] = log10_forget_quality(metrics["forget_quality"])
     return metrics
 
 
 def emit_epoch(config: dict[str, Any], ctx, row: dict[str, Any], stats: EpochStats, samples, engine,
-               history: list[dict[str, Any]] | None = None) -> None:
+               history: list[dict[str, Any]] | None = None, method_state: dict[str, float] | None = None) -> None:
     """Write (rank 0), print, record and report one epoch of a trial, with a checkpoint when there is one."""
     from orchestrator.results import write_evals, write_samples
 
@@ -52,8 +57,10 @@ def emit_epoch(config: dict[str, Any], ctx, row: dict[str, Any], stats: EpochSta
     checkpoint_dir = None
     if engine is not None and ctx.checkpoints:
         checkpoint_dir = tempfile.mkdtemp(prefix="unlearn-ckpt-")
-        engine.save_checkpoint(checkpoint_dir, tag="ckpt", client_state={"epoch": row["epoch"], "history": history})
-    ctx.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}, checkpoint_dir)
+        engine.save_checkpoint(checkpoint_dir, tag="ckpt", client_state={"epoch": row["epoch"], "history": history,
+                                                                         "method_state": method_state or {}})
+    ctx.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "not_measured"},
+               checkpoint_dir)
     if checkpoint_dir:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -78,6 +85,7 @@ def evals_row(config: dict[str, Any], world_size: int, metrics: dict[str, Any]) 
     train = config["training"]
     row = {k: v for k, v in metrics.items() if k in EVALS_SCHEMA.names or k.startswith("extra.")}
     row.update(
+        benchmark=config["benchmark"]["kind"],
         run_id=config["run_id"], trial_id=config["trial_id"], method=config["method"],
         params=json.dumps(config["trial_params"], sort_keys=True), num_workers=world_size,
         zero_stage=config["scaling"]["zero_stage"], per_worker_batch=train["batch_size"], grad_accum=train["grad_accum"],

@@ -168,8 +168,8 @@ def train_epochs(loop: Loop, method: UnlearningMethod, reference, ctx: WorkerCon
     for epoch in range(first_epoch, epochs + 1):
         loop.sampler.set_epoch(epoch)
         loop.dataset.set_epoch(epoch)  # template answers re-drawn per epoch, reproducibly
-        stats = gather_epoch(run_epoch(loop.engine, reference, method, loop.loader, loop.parameters, ctx.device),
-                             ctx.world_size)
+        stats = gather_epoch(run_epoch(loop.engine, reference, method, loop.loader, loop.parameters, ctx.device,
+                                       epoch), ctx.world_size)
         yield epoch, stats
         if stats.diverged:
             return
@@ -222,6 +222,7 @@ def run_trial(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
     if ctx.restore_dir:
         _, client_state = loop.engine.load_checkpoint(ctx.restore_dir, tag="ckpt")
         first_epoch, history = int(client_state["epoch"]) + 1, client_state.get("history", [])
+        method.load_state(client_state.get("method_state", {}))
 
     last: dict[str, Any] = history[-1] if history else {}
     train_seconds = history[-1].get("train_seconds", 0.0) if history else 0.0  # cumulative
@@ -231,7 +232,8 @@ def run_trial(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
         train_seconds += stats.seconds
         tokens += stats.tokens
         if stats.diverged:
-            row = dict(last, status="diverged", epoch=epoch)
+            row = {"status": "diverged", "epoch": epoch, "step": loop.engine.global_steps,
+                   "train_seconds": train_seconds, "tokens": tokens, "not_measured": diverged_reasons(epoch)}
             emit_epoch(config, ctx, row, stats, samples=None, engine=None)
             return row
         metrics, samples, eval_seconds = {}, None, 0.0
@@ -241,15 +243,24 @@ def run_trial(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
             result, eval_seconds = evaluate_scorer(config, ctx, trial_scorer(loop.engine, target, method), engines,
                                                    tokenizer, data)
             loop.engine.train()
-            metrics, samples = result.metrics, result.samples
+            metrics = dict(result.metrics, not_measured=json.dumps(result.not_measured, sort_keys=True))
+            samples = result.samples
         row = {"status": "ok" if epoch == epochs else "running", "epoch": epoch,
                "step": loop.engine.global_steps, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                "tokens": tokens, "epoch_tokens": stats.tokens, **metrics}
         if metrics or epoch == epochs:
             last = row
         history.append({k: row[k] for k in ("train_seconds", "epoch_tokens")} | metrics)
-        emit_epoch(config, ctx, row, stats, samples, loop.engine, history=history)
+        emit_epoch(config, ctx, row, stats, samples, loop.engine, history=history, method_state=method.state())
     return last
+
+
+def diverged_reasons(epoch: int) -> str:
+    """The not_measured of a diverged epoch: a model with non-finite weights or logits cannot be scored."""
+    from orchestrator.results import METRIC_COLUMNS
+
+    reason = f"the trial diverged in epoch {epoch} (non-finite loss or logits): its model cannot be scored"
+    return json.dumps({metric: reason for metric in METRIC_COLUMNS}, sort_keys=True)
 
 
 def trial_scorer(engine, target, method: UnlearningMethod):
@@ -292,9 +303,8 @@ def run_finetune(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
 
 
 def run_reference_evaluation(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
-    """Evaluate a reference model once and write ``eval_out``: its metrics and its ReferenceStats.
-    Without a retain reference it is its own (forget quality 1.0)."""
-    from orchestrator.evaluation.metrics import forget_quality
+    """Evaluate a reference model once and write ``eval_out``: its metrics (with why any is missing) and
+    its ReferenceStats (what it lends later runs as their retain model)."""
     from orchestrator.evaluation.scorer import ModelScorer
 
     start_process(ctx, int(config["seed"]))
@@ -305,10 +315,7 @@ def run_reference_evaluation(config: dict[str, Any], ctx: WorkerContext) -> dict
     result, seconds = evaluate_scorer(config, ctx, ModelScorer(model), engines, tokenizer, data)
     if ctx.rank != 0:
         return {}
-    metrics = dict(result.metrics, eval_seconds=seconds)
-    if not config["references"].get("retain_stats"):
-        own = result.reference.forget_truth_ratios  # empty on MUSE text: no truth ratio, no forget quality
-        metrics.update(forget_quality=forget_quality(own, own) if own else None, privleak=0.0)
+    metrics = dict(result.metrics, eval_seconds=seconds, not_measured=result.not_measured)
     out = Path(config["eval_out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -473,3 +473,36 @@ def test_encode_pair_truncates_then_appends_eos(max_length, input_ids, labels):
     example = encode_pair(WordTokenizer(), "x y", "a b c", "Q: {question} A: ", max_length)
     assert example.input_ids == input_ids
     assert example.labels == labels
+
+
+def test_alternate_split_draws_the_rows_own_alternates(small):
+    tokenizer = train_tokenizer(benchmark_texts(small, "qa"), 300)
+    forget = [dict(row, alternate=[f"Made up {i}a.", f"Made up {i}b."]) for i, row in enumerate(small["forget10"])]
+    dataset = UnlearningDataset({"forget": forget, "retain": small["retain90"]}, ["forget", "alternate"], tokenizer,
+                                template="qa", max_length=128, seed=0)
+    seen = set()
+    for _ in range(12):  # re-drawn at each load, always one of the row's own alternates
+        example = dataset[3]["alternate"]
+        text = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX],
+                                skip_special_tokens=True).strip()
+        seen.add(text)
+    assert seen == {"Made up 3a.", "Made up 3b."}
+    with pytest.raises(DataError, match="field 'alternate': missing, needed for split 'alternate'"):
+        UnlearningDataset({"forget": small["forget10"]}, ["alternate"], tokenizer)
+    with pytest.raises(DataError, match="field 'alternate': item 1"):
+        validate_split([dict(small["forget10"][0], alternate=["ok", ""])], "f.jsonl")
+
+
+@pytest.mark.parametrize("drawn", ["template", "alternate"])
+def test_drawn_answers_pair_with_the_same_forget_question(small, drawn):
+    # DPO-style methods (IdkDPO, AltPO) contrast two answers to ONE prompt: item i's forget and drawn
+    # examples must carry the same question, whatever the offsets of the cycling splits.
+    tokenizer = train_tokenizer(benchmark_texts(small, "qa"), 300)
+    forget = [dict(row, alternate="Something made up.") for row in small["forget10"]]
+    dataset = UnlearningDataset({"forget": forget, "retain": small["retain90"]}, ["forget", drawn, "retain"],
+                                tokenizer, template="qa", max_length=128, seed=0)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        # the prompt's last token may merge with the answer's first ("Answer: " + word): compare before it
+        prompts = {name: item[name].input_ids[:item[name].prompt_length - 1] for name in ("forget", drawn)}
+        assert prompts["forget"] == prompts[drawn], i

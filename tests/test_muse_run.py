@@ -76,11 +76,13 @@ def test_muse_score_is_minus_verbmem_minus_the_utility_penalty():
     from orchestrator.scores import score
 
     metrics = {"forget_quality": None, "verbmem_forget": 0.25, "utility_loss": 0.05}
-    assert score(metrics, 10.0, "muse") == pytest.approx(-0.25 - 10.0 * 0.05)
-    assert score(dict(metrics, utility_loss=-0.2), 10.0, "muse") == pytest.approx(-0.25)  # a gain is not rewarded
-    assert score(dict(metrics, verbmem_forget=None), 10.0, "muse") is None
+    assert score(metrics, 10.0, "verbmem") == pytest.approx(-0.25 - 10.0 * 0.05)
+    assert score(dict(metrics, utility_loss=-0.2), 10.0, "verbmem") == pytest.approx(-0.25)  # a gain is not rewarded
+    assert score(dict(metrics, verbmem_forget=None), 10.0, "verbmem") is None
     assert score(metrics, 10.0) is None  # TOFU's score needs forget quality
     assert score({"forget_quality": 1e-3, "utility_loss": 0.1}, 10.0) == pytest.approx(-3 - 1)
+    # TOFU without a retain model: the forget-answer probability (lower is better) is the forget axis
+    assert score({"forget_prob": 0.4, "utility_loss": 0.1}, 10.0, "forget_prob") == pytest.approx(-0.4 - 1)
 
 
 def test_a_chunk_batch_trains_on_every_token_after_the_first():

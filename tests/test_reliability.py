@@ -1,6 +1,6 @@
 """Faults a sweep must survive without losing or duplicating results.
 
-- a trial whose loss turns non-finite stops itself (status "diverged", the last good metrics kept) while
+- a trial whose loss turns non-finite stops itself (status "diverged", its row measuring nothing) while
   its neighbour in the sweep finishes;
 - a writer killed mid-write leaves no partial Parquet file where readers look;
 - a Ray Train worker killed mid-trial: the gang restarts from the trial's last checkpoint, one row per epoch;
@@ -205,9 +205,10 @@ def test_divergent_trial_stops_itself_while_its_neighbour_finishes(ray_local, ti
     assert set(statuses[:-1]) <= {"running"} and len(broken) >= 2, statuses  # at least one good evaluation
     assert [r["epoch"] for r in broken] == list(range(1, len(broken) + 1))
     good, stopped = broken[-2], broken[-1]
-    # The diverged row carries the last good evaluation's numbers (not NaN), and nothing came after it.
+    # The diverged row measures nothing (its model cannot be scored) and says so; nothing came after it.
+    reasons = json.loads(stopped["not_measured"])
     for name in ("forget_prob", "retain_prob", "forget_quality", "model_utility"):
-        assert math.isfinite(good[name]) and stopped[name] == good[name]
+        assert math.isfinite(good[name]) and stopped[name] is None and "diverged" in reasons[name]
     files = sorted(p.name for p in (tmp_path / "run" / "evals").glob(f"{stopped['trial_id']}-*.parquet"))
     assert len(files) == len(broken)
     assert result.ranking is not None

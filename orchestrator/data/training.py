@@ -25,7 +25,9 @@ TEMPLATE_ANSWERS: tuple[str, ...] = tuple(
 
 # Batch splits this module builds (methods.base.SPLITS names what a method may ask for; a test keeps the
 # two equal). Each item of an epoch yields one example of every split a method reads.
-BATCH_SPLITS = ("forget", "retain", "template", "forget_augmented", "retain_augmented")
+BATCH_SPLITS = ("forget", "retain", "template", "forget_augmented", "retain_augmented", "alternate")
+# Splits whose answer is drawn afresh at each load from a list of candidates (per forget question).
+DRAWN_SPLITS = ("template", "alternate")
 
 
 def training_rows(benchmark: Mapping[str, Sequence[dict]], split_names: Sequence[str], paraphrases: bool) -> list[dict]:
@@ -44,9 +46,10 @@ def training_rows(benchmark: Mapping[str, Sequence[dict]], split_names: Sequence
 class UnlearningDataset(Dataset):
     """Item i is one encoded example per split a method asks for.
 
-    The first split defines the epoch and uses row i; every other split uses row (i + offset) % n with a
-    fixed per-split offset, so retain batches cycle. ``template`` pairs forget question i with a template
-    answer re-drawn at each load, from a generator seeded by (seed, i, how often i was loaded): runs repeat.
+    The first split defines the epoch and uses row i; ``template`` and ``alternate`` use row i too, so each
+    pairs forget question i with its other answer (DPO-style methods contrast answers to the same prompt),
+    re-drawn at each load from a generator seeded by (seed, i, how often i was loaded): runs repeat. Every
+    other split uses row (i + offset) % n with a fixed per-split offset, so retain batches cycle.
     A document row (``text``, no ``question``: MUSE) becomes its ``encode_text`` chunks, each one example
     with labels on every token, so ``forget`` / ``retain`` may hold documents, question/answer pairs or both.
     """
@@ -65,11 +68,12 @@ class UnlearningDataset(Dataset):
         forget, retain = list(rows["forget"]), list(rows.get("retain", ()))
         self._pairs = {name: _pairs_for(name, forget, retain, seed, tokenizer, max_length) for name in self.splits}
         self._offsets = {
-            name: 0 if position == 0 else random.Random(f"{seed}:{name}").randrange(len(self._pairs[name]))
+            name: 0 if position == 0 or name in DRAWN_SPLITS
+            else random.Random(f"{seed}:{name}").randrange(len(self._pairs[name]))
             for position, name in enumerate(self.splits)
         }
         self._encoded: dict[tuple[str, int], EncodedExample] = {}
-        self._template_loads: dict[int, int] = {}
+        self._loads: dict[tuple[str, int], int] = {}
         self._epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,7 +90,7 @@ class UnlearningDataset(Dataset):
         item = {}
         for name in self.splits:
             row = (index + self._offsets[name]) % len(self._pairs[name])
-            item[name] = self._template_example(row) if name == "template" else self._static_example(name, row)
+            item[name] = self._drawn_example(name, row) if name in DRAWN_SPLITS else self._static_example(name, row)
         return item
 
     def _static_example(self, split: str, row: int) -> EncodedExample:
@@ -99,23 +103,29 @@ class UnlearningDataset(Dataset):
             self._encoded[key] = encode_pair(self.tokenizer, question, answer, self.template, self.max_length)
         return self._encoded[key]
 
-    def _template_example(self, row: int) -> EncodedExample:
-        loads = self._template_loads.get(row, 0)
-        self._template_loads[row] = loads + 1
-        answer = random.Random(f"{self.seed}:template:{self._epoch}:{row}:{loads}").choice(TEMPLATE_ANSWERS)
-        question, _ = self._pairs["template"][row]
+    def _drawn_example(self, split: str, row: int) -> EncodedExample:
+        """Forget question ``row`` with one of its candidate answers, drawn from a generator seeded by
+        (seed, split, epoch, row, how often it was loaded): every load may differ, every run repeats."""
+        loads = self._loads.get((split, row), 0)
+        self._loads[(split, row)] = loads + 1
+        question, candidates = self._pairs[split][row]
+        answer = random.Random(f"{self.seed}:{split}:{self._epoch}:{row}:{loads}").choice(candidates)
         return encode_pair(self.tokenizer, question, answer, self.template, self.max_length)
 
 
 def _pairs_for(split: str, forget: list[dict], retain: list[dict], seed: int, tokenizer: Any,
                max_length: int) -> list[tuple[str, str] | EncodedExample]:
-    """(question, answer) pairs of one split, or chunks for document rows of ``forget`` / ``retain``;
-    ``template`` keeps the forget answers as placeholders."""
+    """(question, answer) pairs of one split, or chunks for document rows of ``forget`` / ``retain``; the
+    drawn splits hold (question, candidate answers): the template answers, or the row's ``alternate``
+    answers (AltPO: from the data, or generated by the target in prepare)."""
     if split in ("forget", "retain"):
         return _pairs_or_chunks(forget if split == "forget" else retain, tokenizer, max_length)
     _require_fields(forget, ("question",), split)  # template answers and ULD's augmentation need questions
     if split == "template":
-        return [(row["question"], row["answer"]) for row in forget]
+        return [(row["question"], TEMPLATE_ANSWERS) for row in forget]
+    if split == "alternate":
+        _require_fields(forget, ("alternate",), split)
+        return [(row["question"], alternates_of(row)) for row in forget]
     if split == "forget_augmented":
         # ULD's D'_f: each forget pair plus two paraphrased versions of it.
         _require_fields(forget, ("paraphrased_question", "paraphrased_answer"), split)
@@ -142,6 +152,12 @@ def _pairs_or_chunks(rows: Sequence[dict], tokenizer: Any, max_length: int) -> l
         else:
             items.append((row["question"], row["answer"]))
     return items
+
+
+def alternates_of(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """A row's ``alternate`` field, one string or a list of them, as candidates."""
+    value = row["alternate"]
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _require_fields(rows: Sequence[dict], fields: Sequence[str], split: str) -> None:

@@ -40,6 +40,10 @@ def validate_split(rows: Sequence[Any], file: str, require_perturbed: bool = Tru
             check_string(row, field, where, required=True)
         for field in _TEXT_FIELDS_OPTIONAL:
             check_string(row, field, where, required=False)
+        if isinstance(row.get("alternate"), list):  # AltPO's made-up answers: one string or a list of them
+            _check_string_list(row, "alternate", where)
+        else:
+            check_string(row, "alternate", where, required=False)
         if wants_perturbed:
             count = _check_perturbed(row, where)
             if first_count is None:
@@ -79,14 +83,18 @@ def check_string(row: dict, field: str, where: str, required: bool) -> None:
 def _check_perturbed(row: dict, where: str) -> int:
     if "perturbed_answer" not in row:
         raise DataError(f"{where}: field 'perturbed_answer': missing")
-    value = row["perturbed_answer"]
+    return _check_string_list(row, "perturbed_answer", where)
+
+
+def _check_string_list(row: dict, field: str, where: str) -> int:
+    value = row[field]
     if not isinstance(value, list):
-        raise DataError(f"{where}: field 'perturbed_answer': expected a list of strings, got {type(value).__name__}")
+        raise DataError(f"{where}: field '{field}': expected a list of strings, got {type(value).__name__}")
     if not value:
-        raise DataError(f"{where}: field 'perturbed_answer': empty list (need at least 1 answer)")
+        raise DataError(f"{where}: field '{field}': empty list (need at least 1 answer)")
     for position, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise DataError(f"{where}: field 'perturbed_answer': item {position} is not a non-empty string")
+            raise DataError(f"{where}: field '{field}': item {position} is not a non-empty string")
     return len(value)
 
 

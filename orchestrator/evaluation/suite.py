@@ -58,6 +58,7 @@ class EvalResult:
     metrics: dict[str, float | None]  # keys: results.METRIC_COLUMNS (rank 0; empty on other ranks)
     samples: list[dict[str, Any]]  # rows {split, index, metric, value}, one per per-example number
     reference: ReferenceStats | None  # this model's stats as a retain reference (rank 0)
+    not_measured: dict[str, str] = field(default_factory=dict)  # metric → why it is None (rank 0)
 
 
 def evaluate(
@@ -148,7 +149,8 @@ def _run(ctx, data, forget_split, retain_split, holdout_split, retain_reference,
         return EvalResult({}, [], None)
     samples.sort(key=lambda row: (row["split"], row["index"], row["metric"]))
     metrics, reference = _aggregate(_by_split_metric(samples), names, ctx.config, retain_reference, target_mu)
-    return EvalResult(metrics, samples, reference)
+    reasons = unmeasured_reasons(metrics, names, ctx.config, retain_reference is not None, target_mu)
+    return EvalResult(metrics, samples, reference, reasons)
 
 
 def _rows(split: str, index: int, values: dict[str, float]) -> list[dict[str, Any]]:
@@ -289,8 +291,47 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         forget_scores, holdout_scores = get("forget", f"mia_{attack}"), get("holdout", f"mia_{attack}")
         if forget_scores is not None and holdout_scores is not None:
             mia_auc[attack] = metrics[f"mia_{attack}_auc"] = M.auc(forget_scores, holdout_scores)
-    if config.privleak_attack in mia_auc:
-        # Without the retain model's AUC the reference compares against 0.5 (its `ref_value`).
-        retain_auc = (retain_reference.mia_auc.get(config.privleak_attack, 0.5) if retain_reference else 0.5)
-        metrics["privleak"] = M.privleak(mia_auc[config.privleak_attack], retain_auc)
+    if config.privleak_attack in mia_auc and retain_reference and config.privleak_attack in retain_reference.mia_auc:
+        # Without the retain model's AUC there is nothing to compare with: privleak stays None (the reference
+        # evaluator substitutes 0.5, a number nobody measured).
+        metrics["privleak"] = M.privleak(mia_auc[config.privleak_attack], retain_reference.mia_auc[config.privleak_attack])
     return metrics, ReferenceStats([float(v) for v in forget_tr] if forget_tr is not None else [], mia_auc)
+
+
+# Metrics that need question/answer rows with wrong answers (TOFU): MUSE's documents have none.
+_TRUTH_RATIO_METRICS = ("forget_quality", "forget_truth_ratio", "retain_truth_ratio", "ra_prob", "ra_rouge",
+                        "ra_truth_ratio", "wf_prob", "wf_rouge", "wf_truth_ratio", "extraction_strength",
+                        "exact_memorization", "forget_rouge", "retain_rouge")
+_GENERATION_METRICS = ("forget_rouge", "retain_rouge", "ra_rouge", "wf_rouge", "verbmem_forget", "knowmem_forget",
+                       "knowmem_retain", "model_utility")
+_SPLIT_OF = {"ra": "real_authors", "wf": "world_facts", "retain": "the retain split", "holdout": "the holdout split"}
+
+
+def unmeasured_reasons(metrics: dict[str, float | None], names: dict[str, str], config: EvalConfig,
+                       has_retain_reference: bool, target_mu: float | None) -> dict[str, str]:
+    """Why each metric that came out None was not measured (the evals row carries this, not a stand-in)."""
+    text = "text_forget" in names and names.get("text_forget") == names.get("forget")
+    reasons = {}
+    for metric in (m for m, value in metrics.items() if value is None):
+        role = metric.split("_")[0]
+        if text and metric in _TRUTH_RATIO_METRICS:
+            reasons[metric] = "MUSE data (documents) has no wrong answers to score truth ratios on"
+        elif not config.generation and metric in _GENERATION_METRICS:
+            reasons[metric] = "evaluation.generation is false (no greedy answers to score)"
+        elif role in _SPLIT_OF and role not in names:
+            reasons[metric] = f"no {_SPLIT_OF[role]} in the data"
+        elif metric in ("forget_quality", "privleak") and not has_retain_reference:
+            reasons[metric] = "no retain model to compare with (model.retain)"
+        elif metric == "model_utility":
+            reasons[metric] = "needs retain, real_authors and world_facts scores (TOFU) or knowmem_retain (MUSE)"
+        elif metric == "utility_loss":
+            reasons[metric] = ("the target's model utility is 0" if target_mu == 0 else
+                               "no target model utility to compare with" if metrics["model_utility"] is not None
+                               else "model utility not measured")
+        elif metric.startswith("mia_") or metric == "privleak":
+            reasons[metric] = "needs forget and holdout splits with scores" if "holdout" in names else "no holdout split"
+        elif metric.startswith(("verbmem", "knowmem")):
+            reasons[metric] = f"no {metric.split('_')[0]} split in the data"
+        else:
+            reasons[metric] = "not computable from the splits this evaluation scored"
+    return reasons
