@@ -111,51 +111,70 @@ def gang_fits(spec: JobSpec, cluster_cpus: float, cluster_gpus: float) -> int:
     return fits
 
 
-def build_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any], max_concurrent: int):
+def build_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any], max_concurrent: int, trainable=None):
+    """The sweep's Tuner: every search × scheduler the spec accepts (``trainable``: the trial driver, or a
+    stand-in with the same reports in tests)."""
     from ray import tune
 
-    sweep = spec.sweep
-    metric, mode = _metric(spec)
-    search_alg = None
-    param_space: dict[str, Any]
-    if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-        import optuna
-
-        search_alg = OptunaSearch(space=optuna_space(spec), metric=metric, mode=mode,
-                                  sampler=optuna.samplers.TPESampler(seed=spec.seed)
-                                  if not sweep.multi_objective else optuna.samplers.NSGAIISampler(seed=spec.seed))
-        param_space = {}
-        metric_arg, mode_arg = (None, None)
-    else:
-        from ray.tune.search import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent)
-        param_space = trial_space(spec)
-        metric_arg, mode_arg = metric, mode
-    scheduler = None
-    if sweep.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=sweep.grace_period,
-                                  reduction_factor=sweep.reduction_factor)
-    if sweep.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-
-        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent)
-    trainable = trial_trainable(spec, base_config)
-    tune_config = tune.TuneConfig(
-        search_alg=search_alg, scheduler=scheduler, num_samples=sweep.num_samples,
-        max_concurrent_trials=max_concurrent, metric=None if sweep.multi_objective else metric_arg,
-        mode=None if sweep.multi_objective else mode_arg,
-        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-    )
     from orchestrator.tracking import tune_callbacks
 
+    metric, mode = _metric(spec)
+    single = not spec.sweep.multi_objective
+    search_alg, param_space = search_algorithm(spec, max_concurrent)
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg, scheduler=scheduler(spec), num_samples=spec.sweep.num_samples,
+        # The cap is the search algorithm's own (BasicVariantGenerator / ConcurrencyLimiter): given here as
+        # well, Tune would warn that it ignores it.
+        max_concurrent_trials=None,
+        # One metric for the searcher and the scheduler alike; a multi-objective search names its own.
+        metric=metric if single else None, mode=mode if single else None,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+    )
     callbacks = tune_callbacks(spec.tracking, run_dir, base_config["run_id"], spec.name)
     run_config = tune.RunConfig(name="tune", storage_path=str(run_dir), progress_reporter=progress_reporter(spec),
                                 verbose=1, callbacks=callbacks)
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable or trial_trainable(spec, base_config), param_space=param_space,
+                      tune_config=tune_config, run_config=run_config)
+
+
+def search_algorithm(spec: JobSpec, max_concurrent: int):
+    """(search algorithm capped at ``max_concurrent`` live trials, Tune param_space) for the spec's search."""
+    if spec.sweep.search != "optuna":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent), trial_space(spec)
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    # The searcher is told its metric itself: Tune passes TuneConfig's on only with a param_space, and a
+    # define-by-run space has none. (TuneConfig names it too, for the scheduler.)
+    metric, mode = _metric(spec)
+    sampler = (optuna.samplers.NSGAIISampler if spec.sweep.multi_objective else optuna.samplers.TPESampler)(seed=spec.seed)
+    searcher = OptunaSearch(space=optuna_space(spec), metric=metric, mode=mode, sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), {}
+
+
+def scheduler(spec: JobSpec):
+    """ASHA on the spec's metric with the epoch as time, or None (FIFO)."""
+    if spec.sweep.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs(spec), grace_period=spec.sweep.grace_period,
+                         reduction_factor=spec.sweep.reduction_factor)
+
+
+def max_epochs(spec: JobSpec) -> int:
+    """The most epochs any trial of the sweep can run (a method's params or space may set its own)."""
+    most = spec.training.epochs
+    for entry in spec.sweep.methods:
+        if "epochs" in entry.params:
+            most = max(most, int(entry.params["epochs"]))
+        elif "epochs" in method_space(entry):
+            (kind, values), = method_space(entry)["epochs"].items()
+            most = max(most, int(values[-1] if kind == "randint" else max(values)))
+    return most
 
 
 def _metric(spec: JobSpec) -> tuple[Any, Any]:
