@@ -32,7 +32,7 @@ SPLIT_DEFAULTS = {"tofu": ("forget10", "retain90", "holdout10"), "muse": ("text_
 SPLIT_FIELDS = ("forget_split", "retain_split", "holdout_split")
 # Method splits built from question/answer rows (template answers, ULD's paraphrase/distractor sets):
 # a MUSE forget set is documents, so methods that read them cannot run on it.
-QA_ONLY_SPLITS = ("template", "forget_augmented", "retain_augmented")
+QA_ONLY_SPLITS = ("template", "forget_augmented", "retain_augmented", "alternate")
 
 
 class BenchmarkSpec(_Strict):
@@ -281,7 +281,23 @@ class JobSpec(_Strict):
         if self.benchmark.kind == "muse":
             self._check_muse()
         self._check_metric_is_measured()
+        self._resolve_paths()
         return self
+
+    def _resolve_paths(self) -> None:
+        """Every path in the spec made absolute once, relative to the directory the command runs in, so
+        Ray workers (which run elsewhere) and `unlearn resume` (which reads the saved spec) see the same files.
+        A model or data reference counts as a path when it looks like one or exists there; else it stays a
+        hub id (or a name such as ``embedded``)."""
+        for section, field in (("benchmark", "source"), ("model", "target"), ("model", "retain"),
+                               ("model", "tokenizer")):
+            owner = getattr(self, section)
+            value = getattr(owner, field)
+            if value and value != "embedded" and looks_like_path(value):
+                object.__setattr__(owner, field, absolute(value))
+        object.__setattr__(self.prepare, "cache_dir", absolute(self.prepare.cache_dir))
+        if self.run_dir:
+            object.__setattr__(self, "run_dir", absolute(self.run_dir))
 
     def has_retain_model(self) -> bool:
         """A retain model exists: prepare trains one (embedded target) or the spec names one."""
@@ -323,6 +339,15 @@ class JobSpec(_Strict):
     def spec_hash(self) -> str:
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def looks_like_path(reference: str) -> bool:
+    """A path rather than a hub id: written as one (./, ../, /, ~) or existing relative to the working directory."""
+    return reference.startswith((".", "/", "~")) or Path(reference).expanduser().exists()
+
+
+def absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
 
 
 def _format_error(err: ValidationError) -> str:

@@ -29,7 +29,8 @@ TINY_SPEC = {
                   "forget_split": "forget10", "retain_split": "retain90", "holdout_split": "holdout10"},
     "model": {"target": "embedded", "embedded": {"vocab_size": 400, "hidden_size": 32, "num_layers": 2,
                                                  "num_heads": 2, "intermediate_size": 64}},
-    "prepare": {"epochs": 4, "lr": 3e-3, "batch_size": 16},
+    # 12 epochs: enough for a target with model utility > 0 (at 4 it was 0, and utility loss undefined)
+    "prepare": {"epochs": 12, "lr": 5e-3, "batch_size": 16},
     "training": {"lr": 1e-4, "epochs": 2, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
     "scaling": {"num_workers": 2, "cpus_per_worker": 0.99, "zero_stage": 2},
     "evaluation": {"max_new_tokens": 8, "batch_size": 16, "verbmem_new_tokens": 8, "knowmem_new_tokens": 8,
