@@ -47,6 +47,8 @@ class RunResult:
 def preflight(spec: JobSpec) -> None:
     """Input checks that need no cluster: model references and the benchmark's splits and rows."""
     from orchestrator.data import check_muse_splits, check_splits, load_benchmark
+    from orchestrator.data.validation import UTILITY_SPLITS
+    from orchestrator.errors import MissingSplit
     from orchestrator.model_sources import check_reference
     from orchestrator.prepare import benchmark_config
     from orchestrator.sweep import grid_configs
@@ -56,10 +58,19 @@ def preflight(spec: JobSpec) -> None:
         if reference and reference != "embedded":
             check_reference(reference, field)
     bench = benchmark_config(spec)
-    data = load_benchmark(bench["source"], **bench["generator"])
     b = spec.benchmark
-    (check_muse_splits if b.kind == "muse" else check_splits)(data, b.forget_split, b.retain_split, b.holdout_split)
-    if spec.sweep.search == "grid":
+    try:
+        data = load_benchmark(bench["source"], **bench["generator"])
+    except MissingSplit as err:  # name the spec field that asked for it
+        roles = {b.forget_split: "benchmark.forget_split", b.retain_split: "benchmark.retain_split",
+                 b.holdout_split: "benchmark.holdout_split"}
+        field = roles.get(err.split, "evaluation.utility_sets" if err.split in UTILITY_SPLITS else "benchmark.source")
+        raise MissingSplit(f"field '{field}': {err}", err.split) from None
+    if b.kind == "muse":
+        check_muse_splits(data, b.forget_split, b.retain_split, b.holdout_split)
+    else:
+        check_splits(data, b.forget_split, b.retain_split, b.holdout_split, spec.evaluation.utility_sets)
+    if spec.sweep is not None and spec.sweep.search == "grid":
         for i, entry in enumerate(spec.sweep.methods):
             grid_configs(entry, f"sweep.methods[{i}]")
     if spec.ray.address is None and not os.environ.get("RAY_ADDRESS"):
@@ -192,10 +203,12 @@ def run(spec: JobSpec | str | os.PathLike, run_dir: str | os.PathLike | None = N
         overrides: list[str] | None = None, log: Callable[[str], None] = print) -> RunResult:
     """Validate, prepare, sweep and compare; return the run's tables and ranking."""
     from orchestrator.prepare import prepare
-    from orchestrator.results import write_evals
 
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec, overrides)
+    if spec.sweep is None:
+        raise SpecError("field 'sweep': unlearn run needs one (the methods to search); `unlearn eval` scores "
+                        "models without a sweep")
     preflight(spec)
     run_dir = Path(run_dir or spec.run_dir or default_run_dir(spec)).resolve()
     if (run_dir / "run.json").exists():
@@ -216,8 +229,7 @@ def run(spec: JobSpec | str | os.PathLike, run_dir: str | os.PathLike | None = N
     log(f"prepare: done in {prepared.seconds:.0f} s")
     check_target_utility(spec, prepared.target_model_utility)
     base = base_trial_config(spec, run_dir, run_id, prepared)
-    for row in prepared.reference_rows:
-        write_evals(run_dir, [reference_row(base, row)], row["trial_id"], 0)
+    write_reference_rows(run_dir, base, prepared)
     max_concurrent = spec.sweep.max_concurrent or max(1, gang_fits(spec, cpus, gpus))
     state = {"run_id": run_id, "base_config": base, "max_concurrent": max_concurrent}
     (run_dir / "run.json").write_text(json.dumps(state, indent=1))
@@ -314,10 +326,20 @@ def reference_row(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def write_reference_rows(run_dir: Path, base: dict[str, Any], prepared) -> None:
+    """The reference models' evals rows (epoch 0) and their per-example samples into the run's tables."""
+    from orchestrator.results import copy_reference_samples, write_evals
+
+    for row in prepared.reference_rows:
+        write_evals(run_dir, [reference_row(base, row)], row["trial_id"], 0)
+        if row["method"] in prepared.evaluation_files:
+            copy_reference_samples(prepared.evaluation_files[row["method"]], run_dir, base["run_id"], row["trial_id"])
+
+
 def check_target_utility(spec: JobSpec, target_model_utility: float | None) -> None:
     """Utility loss is 1 − MU/MU(target): with a target utility of 0 no trial's could be measured, and a sweep
     on it would optimise nothing (known only once prepare has scored the target)."""
-    needs = spec.sweep.metric in ("score", "model_utility") or spec.sweep.multi_objective
+    needs = spec.sweep is not None and (spec.sweep.metric in ("score", "model_utility") or spec.sweep.multi_objective)
     if needs and target_model_utility == 0:
         raise SpecError(f"field 'model.target': the target's model utility is 0, so utility loss (1 − MU/MU_target) "
                         f"is undefined and sweep.metric {spec.sweep.metric!r} cannot be computed")

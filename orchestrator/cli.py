@@ -100,7 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "validate":
         spec = load_spec(args.spec, args.overrides)
         api.preflight(spec)
-        print(f"{args.spec}: valid ({len(spec.sweep.methods)} methods, search {spec.sweep.search})")
+        sweep = f"{len(spec.sweep.methods)} methods, search {spec.sweep.search}" if spec.sweep else "no sweep: eval only"
+        print(f"{args.spec}: valid ({sweep})")
     elif args.command == "run":
         api.run(load_spec(args.spec, args.overrides), run_dir=args.run_dir, address=args.address)
     elif args.command == "resume":

@@ -18,6 +18,14 @@ class DataError(BadInput):
     """Malformed or missing benchmark data; the message names file, row and field."""
 
 
+class MissingSplit(DataError):
+    """A split the run needs is not in the data; ``split`` names it, so the caller can name the field."""
+
+    def __init__(self, message: str, split: str) -> None:
+        super().__init__(message)
+        self.split = split
+
+
 class ModelLoadError(BadInput):
     """A model or tokenizer that cannot be found or loaded, named in one line."""
 

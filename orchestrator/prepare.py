@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.data.validation import RETAIN_PERTURBED, UTILITY_SPLITS
 from orchestrator.spec import JobSpec
 
 
@@ -29,6 +30,20 @@ class Prepared:
     target_model_utility: float | None
     reference_rows: list[dict[str, Any]]  # evals rows for method = target / retain (epoch 0)
     seconds: float
+    evaluation_files: dict[str, str] = field(default_factory=dict)  # method → its cached evaluation JSON
+
+
+def model_fingerprint(reference: str | None) -> Any:
+    """What identifies a model for the evaluation cache: a local directory or file by the name, size and
+    modification time of every file in it (a model changed on disk is scored again); a hub id by itself."""
+    if reference is None:
+        return None
+    path = Path(reference)
+    if not path.exists():
+        return reference
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [reference] + [(str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                          for p in files]
 
 
 def content_hash(*parts: Any) -> str:
@@ -42,11 +57,12 @@ def benchmark_config(spec: JobSpec) -> dict[str, Any]:
     if b.source == "embedded":
         load_args: dict[str, Any] = {"seed": spec.seed, "num_authors": b.num_authors,
                                      "questions_per_author": b.questions_per_author}
-    elif Path(b.source).expanduser().is_dir() or b.kind == "muse":  # MUSE: every split load_muse knows
+    elif b.kind == "muse":  # every split load_muse knows
         load_args = {}
-    else:  # a hub dataset: only the splits this run needs (TOFU's retain metrics use retain_perturbed)
-        load_args = {"splits": [b.forget_split, b.retain_split, b.holdout_split, "retain_perturbed",
-                                "real_authors", "world_facts"]}
+    else:  # a directory or hub dataset: the splits this run reads (TOFU's retain metrics use retain_perturbed)
+        utility = list(UTILITY_SPLITS) if spec.evaluation.utility_sets else []
+        local = ["full"] if Path(b.source).is_dir() else []  # optional there; on the hub 4,000 rows nobody needs
+        load_args = {"splits": [b.forget_split, b.retain_split, b.holdout_split, RETAIN_PERTURBED, *utility, *local]}
     if b.kind == "muse":  # only for MUSE, so TOFU's evaluation cache keys stay what they were
         load_args["kind"] = "muse"
     return {"source": b.source, "kind": b.kind, "forget_axis": spec.forget_axis(), "generator": load_args,
@@ -80,8 +96,8 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
         model_path, retain_path = spec.model.target, spec.model.retain
         tokenizer_path = spec.model.tokenizer or spec.model.target
 
-    eval_key = content_hash(data_hash, model_path, retain_path, evaluation_config(spec), bench,
-                            spec.model.prompt_template, spec.training.max_length)
+    eval_key = content_hash(data_hash, model_fingerprint(model_path), model_fingerprint(retain_path),
+                            evaluation_config(spec), bench, spec.model.prompt_template)
     eval_dir = cache / "evals" / eval_key
     if finetunes:
         run_fit([[task] for task in finetunes], 1, spec.scaling.cpus_per_worker)
@@ -89,18 +105,19 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
     retain_json = eval_dir / "retain.json" if retain_path else None
     if retain_json and not retain_json.exists():
         log(f"prepare: evaluating the retain model {retain_path}")
-        tasks.append(_evaluation_task(spec, retain_path, tokenizer_path, None, retain_json))
+        tasks.append(evaluation_task(spec, retain_path, tokenizer_path, None, retain_json))
     target_json = eval_dir / "target.json"
     if not target_json.exists():
         log(f"prepare: evaluating the target model {model_path}")
-        tasks.append(_evaluation_task(spec, model_path, tokenizer_path, retain_json, target_json))
+        tasks.append(evaluation_task(spec, model_path, tokenizer_path, retain_json, target_json))
     if tasks:
         run_fit([tasks], spec.prepare.num_workers, spec.scaling.cpus_per_worker)
     target_eval = json.loads(target_json.read_text())
     retain_eval = json.loads(retain_json.read_text()) if retain_json else None
     rows = reference_rows(target_eval["metrics"], retain_eval["metrics"] if retain_eval else None)
+    files = {"target": str(target_json)} | ({"retain": str(retain_json)} if retain_json else {})
     return Prepared(model_path, tokenizer_path, str(retain_json) if retain_json else None,
-                    rows[0].get("model_utility"), rows, time.perf_counter() - start)
+                    rows[0].get("model_utility"), rows, time.perf_counter() - start, files)
 
 
 def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str, str]:
@@ -148,7 +165,7 @@ def reference_training_splits(spec: JobSpec) -> dict[str, list[str]]:
     return {"retain": [b.retain_split, "utility_train"], "target": ["full", "utility_train"]}
 
 
-def _evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path) -> dict[str, Any]:
+def evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path) -> dict[str, Any]:
     """Worker config for evaluating a reference model once (the worker's ``evaluate`` job)."""
     config = finetune_config(spec, model_path, tokenizer_path, [], None)
     config.update(job="evaluate", eval_out=str(out), label="eval",

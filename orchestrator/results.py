@@ -131,6 +131,32 @@ def read_evals(source: str | os.PathLike) -> pa.Table:
     return table
 
 
+def samples_path(eval_out: str | os.PathLike) -> Path:
+    """Where a reference evaluation's per-example values sit, beside its JSON (``target.json`` →
+    ``target.samples.parquet``)."""
+    eval_out = Path(eval_out)
+    return eval_out.with_name(eval_out.stem + ".samples.parquet")
+
+
+def write_reference_samples(eval_out: str | os.PathLike, samples: list[dict[str, Any]]) -> Path:
+    """A reference evaluation's samples (split, index, metric, value), identity columns left empty: the run
+    that uses the evaluation fills them in (``copy_reference_samples``)."""
+    rows = [dict(s, run_id="", trial_id="", epoch=0) for s in samples]
+    return write_table_atomic(samples_table(rows), samples_path(eval_out))
+
+
+def copy_reference_samples(eval_out: str | os.PathLike, run_dir: str | os.PathLike, run_id: str, trial_id: str) -> None:
+    """A cached reference evaluation's samples into a run's samples table, under the run's and row's ids."""
+    source = samples_path(eval_out)
+    if not source.exists():
+        return
+    table = pq.read_table(source)
+    n = table.num_rows
+    table = table.set_column(0, "run_id", pa.array([run_id] * n, pa.string()))
+    table = table.set_column(1, "trial_id", pa.array([trial_id] * n, pa.string()))
+    write_table_atomic(table, Path(run_dir) / "samples" / eval_file_name(trial_id, 0))
+
+
 def read_samples(run_dir: str | os.PathLike) -> pa.Table:
     return _read_dir(Path(run_dir) / "samples", SAMPLES_SCHEMA)
 

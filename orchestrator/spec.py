@@ -147,6 +147,11 @@ class EvaluationSpec(_Strict):
     mink_k: float = Field(0.4, gt=0, le=1)
     retain_eval_size: int | None = Field(None, ge=1)
     generation: bool = True
+    # Score TOFU's real-authors and world-facts sets (model utility needs them); false when the data has none.
+    utility_sets: bool = True
+    # Tokens of a teacher-forced prompt + answer in evaluation (the reference evaluator's 512), independent of
+    # training.max_length.
+    max_length: int = Field(512, ge=8)
     verbmem_prefix_tokens: int = Field(32, ge=1)
     verbmem_new_tokens: int = Field(128, ge=1)
     knowmem_new_tokens: int = Field(32, ge=1)
@@ -265,13 +270,16 @@ class JobSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     scaling: ScalingSpec = ScalingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
-    sweep: SweepSpec
+    sweep: SweepSpec | None = None  # what `unlearn run` searches; `unlearn eval` needs none
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
     utility_ceiling: float = Field(0.10, gt=0)  # comparison: best epoch per trial under this utility loss
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
+        if self.sweep is None:  # scoring only (unlearn eval)
+            self._resolve_paths()
+            return self
         if self.sweep.multi_objective and self.sweep.search != "optuna":
             raise ValueError("sweep.multi_objective: needs sweep.search: optuna")
         if self.sweep.multi_objective and self.sweep.scheduler == "asha":
@@ -318,9 +326,12 @@ class JobSpec(_Strict):
             raise ValueError(f"{field}: searches on log10 forget quality, which needs a retain model "
                              "(model.retain); without one use sweep.metric score (forget probability) or model_utility")
         needs_utility = sweep.metric in ("score", "model_utility") or sweep.multi_objective
-        if needs_utility and not self.evaluation.generation:
-            raise ValueError("evaluation.generation: false leaves model utility unmeasured (it needs greedy answers), "
-                             f"which sweep.metric {sweep.metric!r} needs; turn generation on or use log10_forget_quality")
+        for field, on, why in (("generation", self.evaluation.generation, "greedy answers"),
+                               ("utility_sets", self.evaluation.utility_sets or self.benchmark.kind == "muse",
+                                "the real-authors and world-facts scores")):
+            if needs_utility and not on:
+                raise ValueError(f"evaluation.{field}: false leaves model utility unmeasured (it needs {why}), which "
+                                 f"sweep.metric {sweep.metric!r} needs; turn it on or use log10_forget_quality")
 
     def _check_muse(self) -> None:
         """MUSE has no truth ratios (no forget quality) and its forget set is documents, not questions."""

@@ -200,7 +200,7 @@ def eval_config(config: dict[str, Any]):
     from orchestrator.evaluation.suite import EvalConfig
 
     options = {k: v for k, v in config["evaluation"].items() if k not in ("every", "gather_weights")}
-    return EvalConfig(template=config["model"]["prompt_template"], max_length=config["training"]["max_length"], **options)
+    return EvalConfig(template=config["model"]["prompt_template"], **options)
 
 
 def should_evaluate(epoch: int, epochs: int, every: int) -> bool:
@@ -306,6 +306,7 @@ def run_reference_evaluation(config: dict[str, Any], ctx: WorkerContext) -> dict
     """Evaluate a reference model once and write ``eval_out``: its metrics (with why any is missing) and
     its ReferenceStats (what it lends later runs as their retain model)."""
     from orchestrator.evaluation.scorer import ModelScorer
+    from orchestrator.results import write_reference_samples
 
     start_process(ctx, int(config["seed"]))
     tokenizer, data = load_inputs(config)
@@ -320,6 +321,7 @@ def run_reference_evaluation(config: dict[str, Any], ctx: WorkerContext) -> dict
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"metrics": metrics, "reference": json.loads(result.reference.to_json())}))
+    write_reference_samples(out, result.samples)  # first: the JSON's presence marks a finished evaluation
     os.replace(tmp, out)
     return metrics
 

@@ -30,7 +30,7 @@ CASES = [
     ("wrong_type_epochs", "specs/wrong_type_epochs.yaml", [], ["field 'training.epochs'", "integer"]),
     ("wrong_type_methods", "specs/wrong_type_methods.yaml", [], ["field 'sweep.methods'", "list"]),
     ("wrong_type_seed", "specs/wrong_type_seed.yaml", [], ["field 'seed'", "integer"]),
-    ("missing_sweep", "specs/missing_sweep.yaml", [], ["field 'sweep'", "required"]),
+    ("missing_sweep", "specs/missing_sweep.yaml", [], ["field 'sweep'", "unlearn run needs one"]),
     ("unknown_dtype", "specs/unknown_dtype.yaml", [], ["field 'model.dtype'"]),
     ("unknown_prompt_template", "specs/unknown_prompt_template.yaml", [], ["field 'model.prompt_template'", "chatml-ish"]),
     ("zero_stage_4", "specs/zero_stage_4.yaml", [], ["field 'scaling.zero_stage'"]),
@@ -103,7 +103,7 @@ CASES = [
     ("data_duplicate_split_files", "specs/data_duplicate_split_files.yaml", [], ["forget10", "also given by"]),
     ("data_no_split_files", "specs/data_no_split_files.yaml", [], ["no_split_files", "no .json, .jsonl or .parquet"]),
     ("data_no_such_directory", "specs/data_no_such_directory.yaml", [], ["does_not_exist", "no such directory"]),
-    ("data_missing_split", "specs/data_missing_split.yaml", [], ["holdout_split", "'holdout10' not in the data"]),
+    ("data_missing_split", "specs/data_missing_split.yaml", [], ["field 'benchmark.holdout_split'", "'holdout10' not found"]),
     ("data_forget_larger_than_data", "specs/data_forget_larger_than_data.yaml", [],
      ["forget_split", "3 rows", "2 rows of the whole data"]),
     # Found by the split check after loading, so it names the split and row index rather than the file.

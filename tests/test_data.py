@@ -226,7 +226,9 @@ def test_malformed_rows_give_one_line_naming_file_row_and_field(tmp_path, fmt, r
     ("forget10.json", b'[{"question": "\xff", "answer": "a"}]', "{path}: not valid UTF-8 at byte 15"),
     ("forget10.jsonl", b'{"question": "q?", "answer": "a."}\n{not json}\n', "{path}:2: invalid JSON: "),
     ("forget10.json", b'[\n{"question": "q?", "answer": "a."},\n{"question": }\n]', "{path}:3: invalid JSON: "),
-    ("forget10.json", b'{"question": "q?"}', "{path}: expected a JSON list of rows, got dict"),
+    # one row object is JSON Lines of one line (TOFU's .json files are JSON Lines): its missing field is named
+    ("forget10.json", b'{"question": "q?"}', "{path}:1: field 'answer': missing"),
+    ("forget10.json", b'{"rows": []}', "{path}: expected a JSON list of rows or JSON Lines, got an object with keys ['rows']"),
     ("forget10.jsonl", b'{"question": "q?", "answer": "a."}\n[1]\n', "{path}:2: row is not an object but list"),
     ("text_forget.jsonl", b'{"id": "b", "text": ""}\n', "{path}:1: field 'text': empty string"),
 ])

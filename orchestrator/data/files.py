@@ -17,14 +17,37 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
 
 
-def read_json_list(path: Path) -> list:
+# Keys any benchmark row has (question/answer, document, VerbMem prompt): what tells a lone JSON object that
+# is one row from a wrapper such as {"rows": [...]}.
+ROW_KEYS = {"question", "text", "prompt"}
+
+
+def read_json_rows(path: Path) -> tuple[list, list[int] | None]:
+    """A ``.json`` file's rows: a JSON list, or JSON Lines (one object per line), which is how TOFU ships its
+    ``.json`` files. Line numbers come back for JSON Lines (for errors), None for a list."""
+    text = read_text(path)
     try:
-        rows = json.loads(read_text(path))
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        if err.msg != "Extra data":  # a broken document, not several of them
+            raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        return read_jsonl(path)
+    if isinstance(rows, dict) and ROW_KEYS & set(rows):  # one row object: JSON Lines with a single line
+        return [rows], [1]
     if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    return rows
+        kind = f"an object with keys {sorted(rows)[:5]}" if isinstance(rows, dict) else type(rows).__name__
+        raise DataError(f"{path}: expected a JSON list of rows or JSON Lines, got {kind}")
+    return rows, None
+
+
+def read_rows(path: Path) -> tuple[list, list[int] | None]:
+    """Rows of a ``.json`` (list or JSON Lines), ``.jsonl`` or ``.parquet`` file, with line numbers where
+    the format has lines."""
+    if path.suffix == ".parquet":
+        return read_parquet(path), None
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    return read_json_rows(path)
 
 
 def read_jsonl(path: Path) -> tuple[list, list[int]]:

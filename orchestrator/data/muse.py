@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.data.files import read_json_list, read_jsonl, read_parquet, read_txt_documents
+from orchestrator.data.files import read_rows, read_txt_documents
 from orchestrator.data.validation import check_string, validate_split, validate_text_split
 from orchestrator.errors import DataError, first_line
 
@@ -94,13 +94,7 @@ def _find_muse_file(directory: Path, split: str) -> Path | None:
 
 
 def _read_muse_file(path: Path) -> tuple[list, list[int] | None]:
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    if path.suffix == ".json":
-        return read_json_list(path), None
-    if path.suffix == ".parquet":
-        return read_parquet(path), None
-    return read_txt_documents(path)
+    return read_txt_documents(path) if path.suffix == ".txt" else read_rows(path)
 
 
 def _muse_rows(split: str, rows: list, where: str, numbers: Sequence[int] | None) -> list[dict]:

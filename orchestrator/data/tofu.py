@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.data.embedded import FORGET_PERCENTS
-from orchestrator.data.files import read_json_list, read_jsonl, read_parquet
+from orchestrator.data.files import read_rows
 from orchestrator.data.validation import validate_split, validate_text_split
-from orchestrator.errors import DataError, first_line
+from orchestrator.errors import DataError, MissingSplit, first_line
 
 # Our split names → TOFU's hub configs (the *_perturbed configs carry paraphrases and wrong answers).
 TOFU_CONFIGS = {
@@ -20,11 +20,22 @@ TOFU_CONFIGS = {
     "full": "full",
 }
 DEFAULT_HUB_SPLITS = ("forget10", "retain90", "holdout10", "retain_perturbed", "real_authors", "world_facts")
+# A local directory may lack TOFU's retain_perturbed (the retain metrics then score the retain split's rows)
+# and its full split (validation then takes forget + retain as the whole data).
+OPTIONAL_LOCAL_SPLITS = ("retain_perturbed", "full")
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
+def file_stems(split: str) -> tuple[str, ...]:
+    """File names a split may have in a local directory, first found wins: TOFU's published one (the hub
+    config, ``forget10`` → ``forget10_perturbed``, which carries the paraphrased and wrong answers), then
+    the split's own name (``forget10.json``, the renamed layout)."""
+    return tuple(dict.fromkeys((TOFU_CONFIGS.get(split, split), split)))
+
+
 def load_directory(directory: str | Path, splits: Sequence[str] | None = None) -> dict[str, list[dict]]:
-    """Every ``<split>.json`` (a list), ``.jsonl`` or ``.parquet`` file in ``directory``, validated."""
+    """Splits from ``<name>.json`` (a list or JSON Lines), ``.jsonl`` or ``.parquet`` files in ``directory``,
+    validated. ``splits``: ours, each found under ``file_stems``; None: every file, under its own stem."""
     directory = Path(directory)
     files: dict[str, Path] = {}
     for path in sorted(directory.iterdir()):
@@ -35,21 +46,22 @@ def load_directory(directory: str | Path, splits: Sequence[str] | None = None) -
         files[path.stem] = path
     if not files:
         raise DataError(f"{directory}: no .json, .jsonl or .parquet split files")
-    wanted = list(splits) if splits is not None else list(files)
-    missing = [name for name in wanted if name not in files]
-    if missing:
-        raise DataError(f"{directory}: split '{missing[0]}' not found (files for: {', '.join(files)})")
-    return {name: read_split_file(files[name]) for name in wanted}
+    if splits is None:
+        return {name: read_split_file(path) for name, path in files.items()}
+    found = {}
+    for split in splits:
+        stem = next((stem for stem in file_stems(split) if stem in files), None)
+        if stem is not None:
+            found[split] = read_split_file(files[stem])
+        elif split not in OPTIONAL_LOCAL_SPLITS:
+            tried = " or ".join(f"{stem}{{{','.join(_FILE_SUFFIXES)}}}" for stem in file_stems(split))
+            raise MissingSplit(f"{directory}: split '{split}' not found (looked for {tried})", split)
+    return found
 
 
 def read_split_file(path: Path) -> list[dict]:
     """Rows of one split file, validated; text corpus splits (``text_*``) need a ``text`` field."""
-    if path.suffix == ".parquet":
-        rows, numbers = read_parquet(path), None
-    elif path.suffix == ".jsonl":
-        rows, numbers = read_jsonl(path)
-    else:
-        rows, numbers = read_json_list(path), None
+    rows, numbers = read_rows(path)
     if path.stem.startswith("text_"):
         validate_text_split(rows, str(path), numbers)
     else:

@@ -68,10 +68,10 @@ def validate_text_split(rows: Sequence[Any], file: str, row_numbers: Sequence[in
         _check_unique_id(row, where, number, seen_ids)
 
 
-def check_string(row: dict, field: str, where: str, required: bool) -> None:
+def check_string(row: dict, field: str, where: str, required: bool, needed_for: str | None = None) -> None:
     if field not in row:
         if required:
-            raise DataError(f"{where}: field '{field}': missing")
+            raise DataError(f"{where}: field '{field}': missing" + (f", needed for {needed_for}" if needed_for else ""))
         return
     value = row[field]
     if not isinstance(value, str):
@@ -119,20 +119,38 @@ def _require_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, 
     return available
 
 
+# TOFU's utility sets: their truth ratio compares the answer with wrong answers of the same kind.
+UTILITY_SPLITS = ("real_authors", "world_facts")
+RETAIN_PERTURBED = "retain_perturbed"  # TOFU's evaluation set for the retain metrics, when present
+
+
 def check_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,
-                 holdout_split: str) -> None:
-    """The splits a run needs exist, the forget split can score a truth ratio, and it is not the whole data."""
-    _require_splits(benchmark, forget_split, retain_split, holdout_split)
+                 holdout_split: str, utility_sets: bool = True) -> None:
+    """Every split the run trains on or the evaluation reads exists with the fields it needs (a missing one
+    would otherwise come out as null metrics, or fail mid-run), and the forget split is not the whole data."""
+    available = _require_splits(benchmark, forget_split, retain_split, holdout_split)
     forget, retain = benchmark[forget_split], benchmark[retain_split]
     validate_split(forget, forget_split, require_perturbed=True)
-    for index, row in enumerate(forget):
-        check_string(row, "paraphrased_answer", f"{forget_split}:{index}", required=True)
+    _require_field(forget, forget_split, "paraphrased_answer", "the forget truth ratio")
     if not retain:
         raise DataError(f"retain_split: split '{retain_split}' has no rows")
+    retain_eval = RETAIN_PERTURBED if benchmark.get(RETAIN_PERTURBED) else retain_split
+    validate_split(benchmark[retain_eval], retain_eval, require_perturbed=True)
+    _require_field(benchmark[retain_eval], retain_eval, "paraphrased_answer", "the retain truth ratio")
+    for name in UTILITY_SPLITS if utility_sets else ():
+        if not benchmark.get(name):
+            raise DataError(f"split '{name}': missing, needed for model utility (available: {available}); "
+                            "set evaluation.utility_sets: false to score without it")
+        validate_split(benchmark[name], name, require_perturbed=True)
     total = len(benchmark["full"]) if "full" in benchmark else len(forget) + len(retain)
     if len(forget) >= total:
         raise DataError(f"forget_split: split '{forget_split}' has {len(forget)} rows, "
                         f"not fewer than the {total} rows of the whole data")
+
+
+def _require_field(rows: Sequence[dict], split: str, field: str, needed_for: str) -> None:
+    for index, row in enumerate(rows):
+        check_string(row, field, f"{split}:{index}", required=True, needed_for=needed_for)
 
 
 def check_muse_splits(benchmark: Mapping[str, Sequence[dict]], forget_split: str, retain_split: str,

@@ -16,7 +16,7 @@ MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")
 class EvalConfig:
     batch_size: int = 16  # examples per forward (each brings 2 + k sequences) and prompts per generate call
     max_new_tokens: int = 200  # greedy tokens for TOFU's ROUGE
-    max_length: int = 256  # prompt + answer tokens of a teacher-forced sequence
+    max_length: int = 512  # prompt + answer tokens of a teacher-forced sequence (the reference's 512)
     template: str = "qa"  # templates.PROMPT_TEMPLATES name or a format string with {question}
     mink_k: float = 0.4  # fraction of lowest tokens for Min-k% and Min-k%++
     retain_eval_size: int | None = None  # cap on retain examples; None: all of retain_perturbed if present, else as many as the forget split has
@@ -25,6 +25,7 @@ class EvalConfig:
     knowmem_new_tokens: int = 32  # MUSE KnowMem answer length
     privleak_attack: str = "mink"  # which MIA's AUC privleak compares (the reference uses Min-k%)
     generation: bool = True  # False: skip every generation metric (ROUGE, model utility, MUSE)
+    utility_sets: bool = True  # False: skip real authors / world facts (no TOFU model utility)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens", "max_length", "verbmem_prefix_tokens",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from orchestrator.data import KNOWMEM_EXAMPLE_SPLITS, VERBMEM_SPLIT, is_document
+from orchestrator.data.validation import RETAIN_PERTURBED
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.config import MIA_ATTACKS, EvalConfig, EvalContext
 from orchestrator.evaluation.generation import (KNOWMEM_STOPWORDS, generate_batch, qa_generation, verbmem_generation,
@@ -28,7 +29,6 @@ from orchestrator.evaluation.sharding import gather_rows, pack_generation_batche
 from orchestrator.evaluation.teacher_forced import QASplit, example_values, score_batch
 from orchestrator.results import METRIC_COLUMNS
 
-RETAIN_PERTURBED = "retain_perturbed"  # TOFU's evaluation set for the retain metrics, when present
 
 
 @dataclass
@@ -168,7 +168,9 @@ def _plan(data, tokenizer, config: EvalConfig, forget_split, retain_split, holdo
         raise ValueError(f"forget split {forget_split!r} has no rows")
     text = _is_documents(data[forget_split])
     # MUSE: the forget split is the text VerbMem continues, so that role shares it.
-    optional = {"ra": "real_authors", "wf": "world_facts", "text_forget": None if text else "text_forget",
+    utility = config.utility_sets
+    optional = {"ra": "real_authors" if utility else None, "wf": "world_facts" if utility else None,
+                "text_forget": None if text else "text_forget",
                 "knowmem_forget": "knowmem_forget", "knowmem_retain": "knowmem_retain"}
     names = {role: name for role, name in {**named, **optional}.items() if name is not None and data.get(name)}
     if len(set(names.values())) != len(names):
@@ -318,6 +320,10 @@ def unmeasured_reasons(metrics: dict[str, float | None], names: dict[str, str], 
             reasons[metric] = "MUSE data (documents) has no wrong answers to score truth ratios on"
         elif not config.generation and metric in _GENERATION_METRICS:
             reasons[metric] = "evaluation.generation is false (no greedy answers to score)"
+        elif role in ("ra", "wf") and not config.utility_sets:
+            reasons[metric] = "evaluation.utility_sets is false (real authors / world facts not scored)"
+        elif metric == "model_utility" and not config.utility_sets and not text:
+            reasons[metric] = "evaluation.utility_sets is false (it needs the real-authors and world-facts scores)"
         elif role in _SPLIT_OF and role not in names:
             reasons[metric] = f"no {_SPLIT_OF[role]} in the data"
         elif metric in ("forget_quality", "privleak") and not has_retain_reference:
