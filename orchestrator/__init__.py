@@ -14,10 +14,18 @@ def run(spec, run_dir=None, address=None, overrides=None, log=print):
     return _run(spec, run_dir=run_dir, address=address, overrides=overrides, log=log)
 
 
+def evaluate(spec, models=None, out_dir=None, address=None, log=print):
+    """Score the spec's reference models and ``models`` ({name: reference}) without training
+    (see orchestrator.eval_job.evaluate)."""
+    from orchestrator.eval_job import evaluate as _evaluate
+
+    return _evaluate(spec, models=models, out_dir=out_dir, address=address, log=log)
+
+
 def resume(run_dir, address=None, log=print):
     from orchestrator.api import resume as _resume
 
     return _resume(run_dir, address=address, log=log)
 
 
-__all__ = ["JobSpec", "SpecError", "load_spec", "resume", "run"]
+__all__ = ["JobSpec", "SpecError", "evaluate", "load_spec", "resume", "run"]

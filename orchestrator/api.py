@@ -310,7 +310,7 @@ def base_trial_config(spec: JobSpec, run_dir: Path, run_id: str, prepared) -> di
         "training": spec.training.model_dump(), "scaling": spec.scaling.model_dump(),
         "benchmark": benchmark_config(spec), "evaluation": evaluation_config(spec),
         "references": {"retain_stats": prepared.retain_stats, "target_model_utility": prepared.target_model_utility},
-        "utility_weight": spec.sweep.utility_weight,
+        "utility_weight": spec.sweep.utility_weight if spec.sweep else None,
         "threads_per_worker": spec.scaling.threads_per_worker,
     }
 

@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--utility-ceiling", type=float, default=None, metavar="X",
                          help="largest utility loss a chosen epoch may have (default: the spec's, else 0.10)")
 
+    evaluate = commands.add_parser(
+        "eval", help="score models on a benchmark without training; the same evals/samples tables as a sweep",
+        description="Evaluate the spec's target and retain models (prepared and cached as for a sweep) and every "
+                    "--model, rank them and write evals/, samples/, ranking.parquet and report/ under --out. "
+                    "SPEC_OR_MODEL is a job spec, or a model (directory or hub id) scored on the spec built "
+                    "from --set (benchmark.source=..., model.retain=..., ...).")
+    evaluate.add_argument("spec", metavar="SPEC_OR_MODEL")
+    evaluate.add_argument("--model", dest="models", action="append", default=[], metavar="[NAME=]REF",
+                          help="another model to score: a from_pretrained directory or hub id (repeatable)")
+    evaluate.add_argument("--out", metavar="DIR", help="where the tables go (default: runs/<name>-eval-<timestamp>)")
+    _common_run_options(evaluate)
+
     prepare = commands.add_parser("prepare", help="only build (or reuse) the tokenizer, target and retain models",
                                   description="Run the prepare stage of SPEC on Ray and print the cached paths.")
     prepare.add_argument("spec", metavar="SPEC")
@@ -102,6 +114,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         api.preflight(spec)
         sweep = f"{len(spec.sweep.methods)} methods, search {spec.sweep.search}" if spec.sweep else "no sweep: eval only"
         print(f"{args.spec}: valid ({sweep})")
+    elif args.command == "eval":
+        from orchestrator.eval_job import evaluate, named_models, spec_for_model
+
+        is_spec = args.spec.endswith((".yaml", ".yml"))
+        spec = load_spec(args.spec, args.overrides) if is_spec else spec_for_model(args.spec, args.overrides)
+        evaluate(spec, named_models(args.models), args.out, args.address)
     elif args.command == "run":
         api.run(load_spec(args.spec, args.overrides), run_dir=args.run_dir, address=args.address)
     elif args.command == "resume":

@@ -31,6 +31,7 @@ class Prepared:
     reference_rows: list[dict[str, Any]]  # evals rows for method = target / retain (epoch 0)
     seconds: float
     evaluation_files: dict[str, str] = field(default_factory=dict)  # method → its cached evaluation JSON
+    data_hash: str = ""  # content hash of the benchmark's rows (keys every cached evaluation)
 
 
 def model_fingerprint(reference: str | None) -> Any:
@@ -96,9 +97,7 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
         model_path, retain_path = spec.model.target, spec.model.retain
         tokenizer_path = spec.model.tokenizer or spec.model.target
 
-    eval_key = content_hash(data_hash, model_fingerprint(model_path), model_fingerprint(retain_path),
-                            evaluation_config(spec), bench, spec.model.prompt_template)
-    eval_dir = cache / "evals" / eval_key
+    eval_dir = evaluation_dir(spec, data_hash, model_path, retain_path)
     if finetunes:
         run_fit([[task] for task in finetunes], 1, spec.scaling.cpus_per_worker)
     tasks: list[dict[str, Any]] = []
@@ -117,7 +116,15 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
     rows = reference_rows(target_eval["metrics"], retain_eval["metrics"] if retain_eval else None)
     files = {"target": str(target_json)} | ({"retain": str(retain_json)} if retain_json else {})
     return Prepared(model_path, tokenizer_path, str(retain_json) if retain_json else None,
-                    rows[0].get("model_utility"), rows, time.perf_counter() - start, files)
+                    rows[0].get("model_utility"), rows, time.perf_counter() - start, files, data_hash)
+
+
+def evaluation_dir(spec: JobSpec, data_hash: str, model: str, retain: str | None) -> Path:
+    """Where the cached evaluation of ``model`` (against ``retain``) lives: keyed by the data, both models'
+    files, the evaluation settings and the prompt template."""
+    key = content_hash(data_hash, model_fingerprint(model), model_fingerprint(retain), evaluation_config(spec),
+                       benchmark_config(spec), spec.model.prompt_template)
+    return Path(spec.prepare.cache_dir).expanduser().resolve() / "evals" / key
 
 
 def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str, str]:
@@ -166,7 +173,8 @@ def reference_training_splits(spec: JobSpec) -> dict[str, list[str]]:
 
 
 def evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path) -> dict[str, Any]:
-    """Worker config for evaluating a reference model once (the worker's ``evaluate`` job)."""
+    """Worker config for evaluating a model once (the worker's ``evaluate`` job), against the retain model's
+    statistics in ``retain_json`` (None: no forget quality)."""
     config = finetune_config(spec, model_path, tokenizer_path, [], None)
     config.update(job="evaluate", eval_out=str(out), label="eval",
                   references={"retain_stats": str(retain_json) if retain_json else None})
@@ -203,21 +211,29 @@ RETAIN_IS_THE_REFERENCE = "the retain model is the reference this metric compare
 
 def reference_rows(target: dict[str, Any], retain: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Evals rows for the two reference points; utility loss is relative to the target."""
-    rows = [dict(target, method="target")]
-    if retain is not None:
-        rows.append(dict(retain, method="retain", forget_quality=None, privleak=None))
     target_mu = target.get("model_utility")
-    for row in rows:
-        reasons = dict(row.get("not_measured") or {})
-        row.update(epoch=0, status="ok", trial_id=row["method"], params="{}")
-        mu = row.get("model_utility")
-        row["utility_loss"] = 1.0 - mu / target_mu if mu is not None and target_mu else None
-        if row["utility_loss"] is not None:
-            reasons.pop("utility_loss", None)
-        if row["method"] == "retain":
-            reasons.update(forget_quality=RETAIN_IS_THE_REFERENCE, privleak=RETAIN_IS_THE_REFERENCE)
-        row["not_measured"] = json.dumps(reasons, sort_keys=True)
+    rows = [evaluated_row(target, "target", "target", target_mu)]
+    if retain is not None:
+        rows.append(evaluated_row(dict(retain, forget_quality=None, privleak=None), "retain", "retain", target_mu,
+                                  {"forget_quality": RETAIN_IS_THE_REFERENCE, "privleak": RETAIN_IS_THE_REFERENCE}))
     return rows
+
+
+def evaluated_row(metrics: dict[str, Any], method: str, trial_id: str, target_mu: float | None,
+                  reasons: dict[str, str] | None = None) -> dict[str, Any]:
+    """An evals row (epoch 0) from one evaluation's metrics, with utility loss against the target's model
+    utility and why each null metric is null."""
+    row = dict(metrics, method=method, trial_id=trial_id, epoch=0, status="ok", params="{}")
+    why = dict(row.pop("not_measured", None) or {}) | (reasons or {})
+    mu = row.get("model_utility")
+    row["utility_loss"] = 1.0 - mu / target_mu if mu is not None and target_mu else None
+    if row["utility_loss"] is not None:
+        why.pop("utility_loss", None)
+    elif mu is not None:
+        why["utility_loss"] = ("the target's model utility is 0" if target_mu == 0
+                               else "the target's model utility was not measured")
+    row["not_measured"] = json.dumps(why, sort_keys=True)
+    return row
 
 
 def _atomic_dir(directory: Path, write: Callable[[Path], Any]) -> None:

@@ -31,7 +31,10 @@ def grid_configs(entry: MethodEntry, where: str) -> list[dict[str, Any]]:
     for key, dist in space.items():
         (kind, values), = dist.items()
         if kind not in ("grid", "choice"):
-            raise SweepError(f"field '{where}.space.{key}': grid search needs grid or choice values, got {kind}")
+            origin = "" if entry.space is not None else f" (method {entry.name!r}'s default space)"
+            raise SweepError(f"field '{where}.space.{key}': grid search needs grid or choice values, got {kind}"
+                             f"{origin}; give space: {{{key}: {{grid: [...]}}}} or fix it in params, or use "
+                             f"sweep.search: random or optuna, which sample it")
         axes.append([(key, value) for value in values])
     return [{"method": entry.name, **entry.params, **dict(combo)} for combo in itertools.product(*axes)]
 

@@ -34,14 +34,25 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.bench.evaluation import measure_evaluation
-from orchestrator.bench.processes import THREADS, local_fit
 from orchestrator.bench.search import measure_search
 from orchestrator.bench.sizes import FULL, QUICK, Bench, BenchSize, bench_spec
-from orchestrator.bench.table import BenchRow, format_table, measured, number, with_machine, write_outputs
-from orchestrator.bench.training import measure_memory, measure_orchestration, measure_uld_vs_npo, measure_utilisation
+from orchestrator.bench.table import (
+    BenchRow,
+    format_table,
+    measured,
+    number,
+    with_machine,
+    write_outputs,
+)
+from orchestrator.bench.training import (
+    measure_memory,
+    measure_orchestration,
+    measure_uld_vs_npo,
+    measure_utilisation,
+)
+from orchestrator.local_run import THREADS, local_fit
 from orchestrator.measure import machine_description, matmul_peak_flops
 from orchestrator.provenance import PROJECT_ROOT
-
 
 NOTES = [
     "P1: both sides run `train_loop_per_worker`'s loop (`run_trial`) on the same config (GA, batch 4, the 80-row "

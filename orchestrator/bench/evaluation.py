@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.bench.processes import THREADS
 from orchestrator.bench.sizes import Bench
 from orchestrator.bench.table import BenchRow, measured
+from orchestrator.local_run import THREADS
 from orchestrator.measure import median_seconds
 
 
@@ -15,7 +15,11 @@ def measure_evaluation(bench: Bench) -> list[BenchRow]:
 
     from orchestrator.data import load_benchmark
     from orchestrator.evaluation.scorer import ModelScorer
-    from orchestrator.evaluation.suite import ReferenceStats, evaluate, evaluate_per_sample
+    from orchestrator.evaluation.suite import (
+        ReferenceStats,
+        evaluate,
+        evaluate_per_sample,
+    )
     from orchestrator.models import load_model, load_tokenizer
     from orchestrator.results import METRIC_COLUMNS
     from orchestrator.worker import eval_config

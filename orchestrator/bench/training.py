@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import statistics
 
-from orchestrator.bench.processes import THREADS, ray_trial, run_processes, start_ray
+from orchestrator.bench.processes import ray_trial, start_ray
 from orchestrator.bench.sizes import Bench
 from orchestrator.bench.table import BenchRow, measured
-from orchestrator.measure import epoch_costs, steady, steady_tokens_per_second, training_flops_per_token
+from orchestrator.local_run import THREADS, run_processes
+from orchestrator.measure import (
+    epoch_costs,
+    steady,
+    steady_tokens_per_second,
+    training_flops_per_token,
+)
 
 MB = 1024 * 1024
 
