@@ -322,7 +322,8 @@ def reference_row(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k in EVALS_SCHEMA.names}
     out.update(run_id=base["run_id"], step=0, seed=base["seed"], spec_hash=base["spec_hash"],
                git_sha=base["git_sha"], versions=base["versions"], num_workers=1,
-               zero_stage=base["scaling"]["zero_stage"], benchmark=base["benchmark"]["kind"])
+               zero_stage=base["scaling"]["zero_stage"], benchmark=base["benchmark"]["kind"],
+               truth_ratio_aggregator=base["evaluation"]["truth_ratio_aggregator"])
     return out
 
 

@@ -19,7 +19,8 @@ METRIC_COLUMNS = (
     "forget_quality", "model_utility", "utility_loss", "forget_truth_ratio", "forget_prob", "forget_rouge",
     "retain_prob", "retain_rouge", "retain_truth_ratio", "ra_prob", "ra_rouge", "ra_truth_ratio",
     "wf_prob", "wf_rouge", "wf_truth_ratio", "extraction_strength", "exact_memorization",
-    "mia_loss_auc", "mia_zlib_auc", "mia_mink_auc", "mia_minkpp_auc", "privleak",
+    "mia_loss_auc", "mia_zlib_auc", "mia_mink_auc", "mia_minkpp_auc", "mia_gradnorm_auc", "mia_reference_auc",
+    "privleak",
     "verbmem_forget", "knowmem_forget", "knowmem_retain",
 )
 COST_COLUMNS = (
@@ -44,6 +45,8 @@ EVALS_SCHEMA = pa.schema(
     + [("seed", pa.int64()), ("spec_hash", pa.string()), ("git_sha", pa.string()), ("versions", pa.string()),
        # "tofu" or "muse": which forget axis the comparison uses (scores.forget_axis)
        ("benchmark", pa.string()),
+       # how truth ratios were aggregated (evaluation.truth_ratio_aggregator): it changes forget quality
+       ("truth_ratio_aggregator", pa.string()),
        # JSON {metric: why it is null}: a metric that was not measured carries no stand-in value
        ("not_measured", pa.string())]
 )

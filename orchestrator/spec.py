@@ -149,6 +149,11 @@ class EvaluationSpec(_Strict):
     generation: bool = True
     # Score TOFU's real-authors and world-facts sets (model utility needs them); false when the data has none.
     utility_sets: bool = True
+    # "ratio" (TOFU) or "prob_mean" (P_c/(P_c + P_w), open-unlearning #163): changes the truth-ratio metrics
+    # and forget quality; each evals row records which produced it.
+    truth_ratio_aggregator: Literal["ratio", "prob_mean"] = "ratio"
+    # GradNorm membership inference: a forward and backward per forget/holdout example.
+    gradnorm: bool = True
     # Tokens of a teacher-forced prompt + answer in evaluation (the reference evaluator's 512), independent of
     # training.max_length.
     max_length: int = Field(512, ge=8)

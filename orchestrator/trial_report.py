@@ -86,6 +86,7 @@ def evals_row(config: dict[str, Any], world_size: int, metrics: dict[str, Any]) 
     row = {k: v for k, v in metrics.items() if k in EVALS_SCHEMA.names or k.startswith("extra.")}
     row.update(
         benchmark=config["benchmark"]["kind"],
+        truth_ratio_aggregator=config["evaluation"]["truth_ratio_aggregator"],
         run_id=config["run_id"], trial_id=config["trial_id"], method=config["method"],
         params=json.dumps(config["trial_params"], sort_keys=True), num_workers=world_size,
         zero_stage=config["scaling"]["zero_stage"], per_worker_batch=train["batch_size"], grad_accum=train["grad_accum"],

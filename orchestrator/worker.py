@@ -20,7 +20,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -185,10 +185,14 @@ def evaluate_scorer(config: dict[str, Any], ctx: WorkerContext, scorer, engines:
     retain_reference = None
     if refs.get("retain_stats"):  # the retain model's reference evaluation (prepare writes it)
         retain_reference = ReferenceStats.from_json(Path(refs["retain_stats"]).read_text())
-    gathered = engines if int(config["scaling"]["zero_stage"]) == 3 and config["evaluation"].get("gather_weights", True) else []
-    with torch.no_grad(), whole_weights(gathered):
+    zero3 = int(config["scaling"]["zero_stage"]) == 3
+    gather = config["evaluation"].get("gather_weights", True)
+    settings = eval_config(config)
+    if zero3 and not gather:  # partitioned weights: no whole gradient to take a norm of
+        settings = replace(settings, gradnorm=False)
+    with torch.no_grad(), whole_weights(engines if zero3 and gather else []):
         result = evaluate(
-            scorer, tokenizer, data, eval_config(config), forget_split=bench["forget_split"],
+            scorer, tokenizer, data, settings, forget_split=bench["forget_split"],
             retain_split=bench["retain_split"], holdout_split=bench["holdout_split"],
             retain_reference=retain_reference, target_model_utility=refs.get("target_model_utility"),
             rank=ctx.rank, world_size=ctx.world_size,

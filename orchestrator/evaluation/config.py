@@ -9,7 +9,11 @@ import torch
 from orchestrator.encoding import pad_id
 from orchestrator.evaluation.scorer import Scorer
 
-MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")
+MIA_ATTACKS = ("loss", "zlib", "mink", "minkpp")  # scores of one teacher-forced pass (teacher_forced.py)
+# How per-example truth values are formed and averaged: "ratio" is TOFU's P_wrong/P_correct (forget:
+# mean min(TR, 1/TR), others: mean max(0, 1 − TR)); "prob_mean" is P_c/(P_c + P_w), averaged (open-unlearning
+# #163). Forget quality's KS test compares the per-example values, so the aggregator changes it too.
+TRUTH_RATIO_AGGREGATORS = ("ratio", "prob_mean")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class EvalConfig:
     privleak_attack: str = "mink"  # which MIA's AUC privleak compares (the reference uses Min-k%)
     generation: bool = True  # False: skip every generation metric (ROUGE, model utility, MUSE)
     utility_sets: bool = True  # False: skip real authors / world facts (no TOFU model utility)
+    truth_ratio_aggregator: str = "ratio"  # TRUTH_RATIO_AGGREGATORS
+    # GradNorm MIA: one forward + backward per forget/holdout example; off where weights cannot be had whole
+    # (ZeRO-3 with gather_weights off)
+    gradnorm: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens", "max_length", "verbmem_prefix_tokens",
@@ -36,6 +44,9 @@ class EvalConfig:
             raise ValueError(f"evaluation.mink_k must be in (0, 1], got {self.mink_k}")
         if self.retain_eval_size is not None and self.retain_eval_size < 1:
             raise ValueError(f"evaluation.retain_eval_size must be ≥ 1 or None, got {self.retain_eval_size}")
+        if self.truth_ratio_aggregator not in TRUTH_RATIO_AGGREGATORS:
+            raise ValueError(f"evaluation.truth_ratio_aggregator must be one of {TRUTH_RATIO_AGGREGATORS}, "
+                             f"got {self.truth_ratio_aggregator!r}")
         if self.privleak_attack not in MIA_ATTACKS:
             raise ValueError(f"evaluation.privleak_attack must be one of {MIA_ATTACKS}, got {self.privleak_attack!r}")
 

@@ -54,6 +54,14 @@ def truth_ratio(p_wrong_normalised: np.ndarray, p_correct_normalised: np.ndarray
     return geometric_mean / (p_correct + _EPS)
 
 
+def prob_mean_truth(p_wrong_normalised: np.ndarray, p_correct_normalised: np.ndarray) -> np.ndarray:
+    """The ``prob_mean`` truth value per example (open-unlearning #163): P_c / (P_c + P_w), P_w the geometric
+    mean of the perturbed answers' probabilities; in (0, 1), higher = the correct answer preferred."""
+    p_correct = np.asarray(p_correct_normalised, dtype=np.float64)
+    p_wrong = truth_ratio(p_wrong_normalised, p_correct) * (p_correct + _EPS)  # the geometric mean back
+    return p_correct / (p_correct + p_wrong + _EPS)
+
+
 def forget_truth_ratio_score(ratios: np.ndarray) -> float:
     """Forget set aggregate: mean(min(TR, 1/TR)); 1 when wrong and correct answers are equally likely."""
     ratios = _nonempty(ratios, "truth ratios")
@@ -134,6 +142,11 @@ def loss_score(token_logprobs: np.ndarray) -> float:
     """LOSS attack: mean answer-token NLL. Reference parity: computed on the same tokens as the
     probability, i.e. EOS included."""
     return float(-np.mean(np.asarray(token_logprobs, dtype=np.float64)))
+
+
+def gradient_norm_score(gradient_norms: Sequence[float]) -> float:
+    """GradNorm attack: the mean over parameter tensors of ‖∂ loss / ∂θ‖₂ for one example (lower = member)."""
+    return float(np.mean(_nonempty(gradient_norms, "gradient norms")))
 
 
 def zlib_score(token_logprobs: np.ndarray, text: str) -> float:

@@ -19,6 +19,11 @@ class Scorer:
         """Teacher-forced logits [batch, seq, vocab] for a right-padded batch."""
         raise NotImplementedError
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The models whose weights make the scored distribution (GradNorm differentiates them all)."""
+        return [module for value in vars(self).values() for module in
+                ([value] if isinstance(value, torch.nn.Module) else value.modules() if isinstance(value, Scorer) else [])]
+
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Run a left-padded prompt batch; return next-token logits [batch, vocab] and a decoding state."""
         raise NotImplementedError

@@ -22,13 +22,23 @@ from orchestrator.data import KNOWMEM_EXAMPLE_SPLITS, VERBMEM_SPLIT, is_document
 from orchestrator.data.validation import RETAIN_PERTURBED
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.config import MIA_ATTACKS, EvalConfig, EvalContext
-from orchestrator.evaluation.generation import (KNOWMEM_STOPWORDS, generate_batch, qa_generation, verbmem_generation,
-                                                verbmem_prompt_generation, with_examples)
+from orchestrator.evaluation.generation import (
+    KNOWMEM_STOPWORDS,
+    generate_batch,
+    qa_generation,
+    verbmem_generation,
+    verbmem_prompt_generation,
+    with_examples,
+)
+from orchestrator.evaluation.gradnorm import gradient_norm
 from orchestrator.evaluation.scorer import Scorer
-from orchestrator.evaluation.sharding import gather_rows, pack_generation_batches, shard_batches
+from orchestrator.evaluation.sharding import (
+    gather_rows,
+    pack_generation_batches,
+    shard_batches,
+)
 from orchestrator.evaluation.teacher_forced import QASplit, example_values, score_batch
 from orchestrator.results import METRIC_COLUMNS
-
 
 
 @dataclass
@@ -37,6 +47,8 @@ class ReferenceStats:
 
     forget_truth_ratios: list[float]  # per forget example, index order (forget quality's KS sample)
     mia_auc: dict[str, float] = field(default_factory=dict)  # attack name → AUC (privleak's reference)
+    # per-example mean NLL on forget and holdout, index order: the Reference MIA subtracts them
+    mia_losses: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -50,7 +62,8 @@ class ReferenceStats:
         if not isinstance(data, dict) or not isinstance(data.get("forget_truth_ratios"), list):
             raise ValueError("reference stats JSON needs a 'forget_truth_ratios' list")
         return cls([float(v) for v in data["forget_truth_ratios"]],
-                   {str(k): float(v) for k, v in data.get("mia_auc", {}).items()})
+                   {str(k): float(v) for k, v in data.get("mia_auc", {}).items()},
+                   {str(k): [float(x) for x in v] for k, v in data.get("mia_losses", {}).items()})
 
 
 @dataclass
@@ -138,6 +151,10 @@ def _run(ctx, data, forget_split, retain_split, holdout_split, retain_reference,
         for indices, real in shard_batches(len(split.rows), rank, world_size, ctx.config.batch_size):
             for index, sequences in zip(indices[:real], score_batch(ctx, split, indices)[:real]):
                 samples += _rows(split.name, index, example_values(ctx, split, sequences))
+    if ctx.config.gradnorm:  # a forward and backward per example; independent per rank (weights are whole)
+        for split in (s for s in qa_splits if s.mia):
+            for index in range(rank, len(split.rows), world_size):
+                samples += _rows(split.name, index, {"mia_gradnorm": gradient_norm(ctx, split, index)})
     budgets = [(split.max_new_tokens, split.size) for split in generation_splits]
     for max_new_tokens, members in pack_generation_batches(budgets, rank, world_size, ctx.config.batch_size):
         items = [(generation_splits[position], index) for position, index in members]
@@ -264,9 +281,7 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         return None if found is None else float(found.mean())
 
     metrics: dict[str, float | None] = {name: None for name in METRIC_COLUMNS}
-    forget_tr = get("forget", "truth_ratio")  # None on MUSE text: no forget quality
     metrics.update(
-        forget_truth_ratio=None if forget_tr is None else M.forget_truth_ratio_score(forget_tr),
         forget_prob=mean("forget", "prob"), forget_rouge=mean("forget", "rouge"),
         retain_prob=mean("retain", "prob"), retain_rouge=mean("retain", "rouge"),
         ra_prob=mean("ra", "normalised_prob"), ra_rouge=mean("ra", "rouge"),
@@ -276,20 +291,42 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         verbmem_forget=mean("verbmem", "verbmem"),
         knowmem_forget=mean("knowmem_forget", "knowmem"), knowmem_retain=mean("knowmem_retain", "knowmem"),
     )
-    for role in ("retain", "ra", "wf"):
-        ratios = get(role, "truth_ratio")
-        metrics[f"{role}_truth_ratio"] = None if ratios is None else M.utility_truth_ratio_score(ratios)
+    forget_values = _truth_metrics(get, config, metrics)  # None on MUSE text: no truth ratio, no forget quality
     utility = [metrics[f"{role}_{kind}"] for role in ("retain", "ra", "wf") for kind in ("prob", "rouge", "truth_ratio")]
     if all(v is not None for v in utility):
         metrics["model_utility"] = M.model_utility(utility)
-    elif forget_tr is None:  # MUSE's utility: KnowMem on retain questions (compare.py ranks on it too)
+    elif forget_values is None:  # MUSE's utility: KnowMem on retain questions (compare.py ranks on it too)
         metrics["model_utility"] = metrics["knowmem_retain"]
     if metrics["model_utility"] is not None and target_mu:
         metrics["utility_loss"] = 1.0 - metrics["model_utility"] / target_mu
-    if retain_reference is not None and forget_tr is not None:
-        metrics["forget_quality"] = M.forget_quality(forget_tr, retain_reference.forget_truth_ratios)
+    if retain_reference is not None and forget_values is not None:
+        metrics["forget_quality"] = M.forget_quality(forget_values, retain_reference.forget_truth_ratios)
+    mia_auc, losses = _mia_metrics(get, config, retain_reference, metrics)
+    return metrics, ReferenceStats([float(v) for v in forget_values] if forget_values is not None else [], mia_auc,
+                                   losses)
+
+
+def _truth_metrics(get, config: EvalConfig, metrics: dict[str, float | None]) -> np.ndarray | None:
+    """The truth-ratio aggregates, as ``truth_ratio_aggregator`` says; returns the forget set's per-example
+    values (forget quality's KS sample), or None without wrong answers."""
+    if config.truth_ratio_aggregator == "prob_mean":
+        for role in ("forget", "retain", "ra", "wf"):
+            found = get(role, "prob_mean_truth")
+            metrics[f"{role}_truth_ratio"] = None if found is None else float(found.mean())
+        return get("forget", "prob_mean_truth")
+    forget = get("forget", "truth_ratio")
+    metrics["forget_truth_ratio"] = None if forget is None else M.forget_truth_ratio_score(forget)
+    for role in ("retain", "ra", "wf"):
+        ratios = get(role, "truth_ratio")
+        metrics[f"{role}_truth_ratio"] = None if ratios is None else M.utility_truth_ratio_score(ratios)
+    return forget
+
+
+def _mia_metrics(get, config: EvalConfig, retain_reference, metrics: dict[str, float | None]):
+    """Forget-vs-holdout AUCs of every attack, privleak against the retain model's AUC, and the Reference
+    attack (loss minus the retain model's loss on the same example). Returns (AUCs, per-example losses)."""
     mia_auc = {}
-    for attack in MIA_ATTACKS:
+    for attack in (*MIA_ATTACKS, "gradnorm"):
         forget_scores, holdout_scores = get("forget", f"mia_{attack}"), get("holdout", f"mia_{attack}")
         if forget_scores is not None and holdout_scores is not None:
             mia_auc[attack] = metrics[f"mia_{attack}_auc"] = M.auc(forget_scores, holdout_scores)
@@ -297,7 +334,13 @@ def _aggregate(values, names, config: EvalConfig, retain_reference, target_mu):
         # Without the retain model's AUC there is nothing to compare with: privleak stays None (the reference
         # evaluator substitutes 0.5, a number nobody measured).
         metrics["privleak"] = M.privleak(mia_auc[config.privleak_attack], retain_reference.mia_auc[config.privleak_attack])
-    return metrics, ReferenceStats([float(v) for v in forget_tr] if forget_tr is not None else [], mia_auc)
+    losses = {role: [float(v) for v in found] for role in ("forget", "holdout")
+              if (found := get(role, "mia_loss")) is not None}
+    reference = retain_reference.mia_losses if retain_reference else {}
+    if len(losses) == 2 and all(len(reference.get(role, ())) == len(losses[role]) for role in losses):
+        difference = {role: np.asarray(losses[role]) - np.asarray(reference[role]) for role in losses}
+        metrics["mia_reference_auc"] = M.auc(difference["forget"], difference["holdout"])
+    return mia_auc, losses
 
 
 # Metrics that need question/answer rows with wrong answers (TOFU): MUSE's documents have none.
@@ -334,6 +377,10 @@ def unmeasured_reasons(metrics: dict[str, float | None], names: dict[str, str], 
             reasons[metric] = ("the target's model utility is 0" if target_mu == 0 else
                                "no target model utility to compare with" if metrics["model_utility"] is not None
                                else "model utility not measured")
+        elif metric == "mia_gradnorm_auc" and not config.gradnorm:
+            reasons[metric] = "evaluation.gradnorm is false (or ZeRO-3 weights were not gathered)"
+        elif metric == "mia_reference_auc" and not has_retain_reference:
+            reasons[metric] = "no retain model to compare losses with (model.retain)"
         elif metric.startswith("mia_") or metric == "privleak":
             reasons[metric] = "needs forget and holdout splits with scores" if "holdout" in names else "no holdout split"
         elif metric.startswith(("verbmem", "knowmem")):

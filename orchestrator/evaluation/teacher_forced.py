@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.encoding import IGNORE_INDEX, EncodedExample, collate, encode_pair, encode_text
+from orchestrator.encoding import (
+    IGNORE_INDEX,
+    EncodedExample,
+    collate,
+    encode_pair,
+    encode_text,
+)
 from orchestrator.evaluation import metrics as M
 from orchestrator.evaluation.config import EvalContext
 
@@ -102,7 +108,7 @@ def score_batch(ctx: EvalContext, split: QASplit, indices: list[int]) -> list[li
     layout = []
     for index in indices:
         if split.text:
-            encoded.append(_document_example(ctx, split, index))
+            encoded.append(document_example(ctx, split, index))
             layout.append(1)
             continue
         answers = _answers(split, index)
@@ -123,7 +129,7 @@ def score_batch(ctx: EvalContext, split: QASplit, indices: list[int]) -> list[li
     return per_example
 
 
-def _document_example(ctx: EvalContext, split: QASplit, index: int) -> EncodedExample:
+def document_example(ctx: EvalContext, split: QASplit, index: int) -> EncodedExample:
     """A document's first ``max_length`` tokens (MUSE's MIA truncates the same way); its last scored token
     is the EOS only when the document fits, so the MIA scores' drop-the-EOS cut may drop a text token."""
     try:
@@ -144,6 +150,7 @@ def example_values(ctx: EvalContext, split: QASplit, sequences: list[SequenceSco
         values.update({f"perturbed_prob_{j}": float(p) for j, p in enumerate(perturbed)})
         correct = values["paraphrased_prob"] if split.paraphrase else values["prob"]
         values["truth_ratio"] = float(M.truth_ratio(perturbed[None, :], [correct])[0])
+        values["prob_mean_truth"] = float(M.prob_mean_truth(perturbed[None, :], [correct])[0])
         if not split.paraphrase:
             values["normalised_prob"] = float(M.normalised_probability([values["prob"]], perturbed[None, :])[0])
     # The reference's token-level metrics drop the last answer position (the EOS).
