@@ -136,7 +136,7 @@ def test_every_metric_column_is_filled(setup):
     assert result.metrics["privleak"] == pytest.approx(0.0, abs=1e-9)
     assert result.metrics["utility_loss"] == pytest.approx(1 - result.metrics["model_utility"] / 0.5)
     assert len(result.reference.forget_truth_ratios) == len(data[SPLITS["forget"]])
-    assert set(result.reference.mia_auc) == {"loss", "zlib", "mink", "minkpp"}
+    assert set(result.reference.mia_auc) == {"loss", "zlib", "mink", "minkpp", "gradnorm"}
 
 
 def test_aggregates_are_recomputable_from_samples(setup):
@@ -414,7 +414,7 @@ def test_muse_documents_are_scored_as_text_with_knowmem_as_utility(setup):
     # MUSE's utility is KnowMem on retain questions; utility loss is relative to the target's 0.5.
     assert m["model_utility"] == m["knowmem_retain"] is not None
     assert m["utility_loss"] == pytest.approx(1 - m["knowmem_retain"] / 0.5)
-    assert result.reference.forget_truth_ratios == [] and set(result.reference.mia_auc) == set(("loss", "zlib", "mink", "minkpp"))
+    assert result.reference.forget_truth_ratios == [] and set(result.reference.mia_auc) == {"loss", "zlib", "mink", "minkpp", "gradnorm"}
 
 
 def _greedy_text(model, tokenizer, prompt: list[int], new_tokens: int) -> str:
