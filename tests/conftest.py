@@ -69,3 +69,17 @@ def ray_local():
 def tiny_cache(tmp_path_factory) -> Path:
     """One prepare cache shared by the integration tests (the first run trains, the others reuse)."""
     return tmp_path_factory.mktemp("unlearn-cache")
+
+
+def deepspeed_reads(config: dict, world_size: int, monkeypatch: pytest.MonkeyPatch):
+    """DeepSpeed's own parse of an engine config as rank 0 of a ``world_size``-rank gang, without a process
+    group (the data-parallel size comes from an mpu object). It refuses a config whose train_batch_size is not
+    micro batch × accumulation × world size."""
+    import deepspeed.runtime.config as ds_config
+
+    class DataParallel:
+        def get_data_parallel_world_size(self) -> int:
+            return world_size
+
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *args, **kwargs: 0)
+    return ds_config.DeepSpeedConfig(config, mpu=DataParallel())

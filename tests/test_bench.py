@@ -6,7 +6,9 @@ expected number is worked out by hand in the test, or counted independently by t
 from __future__ import annotations
 
 import math
-import time
+import resource
+import threading
+import types
 
 import pyarrow.parquet as pq
 import pytest
@@ -174,21 +176,77 @@ def test_rows_are_plain_data():
 
 
 # ---------------------------------------------------------------- measuring helpers
-def test_median_seconds_calls_repeatedly_and_returns_the_last_result():
-    calls = []
-    seconds, result = median_seconds(lambda: calls.append(time.sleep(0.01)) or len(calls), 3)
-    assert calls == [None] * 3 and result == 3
-    assert 0.01 <= seconds < 1.0
+class FakeClock:
+    """perf_counter for median_seconds: each timed call advances it by the next of ``durations``."""
+
+    def __init__(self, durations):
+        self.now, self.durations = 100.0, iter(durations)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self) -> float:
+        self.now += next(self.durations)
+        return self.now
 
 
-def test_peak_memory_sees_a_short_lived_allocation():
-    size = 64 * 1024 * 1024
-    with PeakMemory() as memory:
-        start = memory.current()
-        block = b"x" * size  # written, so resident
-        time.sleep(0.05)
-        del block
-    assert memory.peak >= start + 0.9 * size
+def test_median_seconds_is_the_median_of_the_timed_calls_and_returns_the_last_result(monkeypatch):
+    from orchestrator import measure
+
+    # Calls taking 6, 1 and 2 s: median 2 s (the mean would be 3); the result is the last call's, the clock
+    # after it (100 + 9; the first call's would be 106).
+    clock = FakeClock([6.0, 1.0, 2.0])
+    monkeypatch.setattr(measure, "time", clock)
+    assert median_seconds(clock.run, 3) == (pytest.approx(2.0), 109.0)
+    # An even count takes the mean of the middle two: 4, 1, 9, 2 → (2 + 4) / 2 = 3 (the mean would be 4).
+    clock = FakeClock([4.0, 1.0, 9.0, 2.0])
+    monkeypatch.setattr(measure, "time", clock)
+    assert median_seconds(clock.run, 4)[0] == pytest.approx(3.0)
+    # repeats < 1 still times one call.
+    clock = FakeClock([5.0])
+    monkeypatch.setattr(measure, "time", clock)
+    assert median_seconds(clock.run, 0) == (pytest.approx(5.0), 105.0)
+
+
+class FakeProcess:
+    """psutil.Process whose RSS readings are ``readings`` (the last one repeats); ``past_peak`` is set once
+    a reading after the largest one has been taken."""
+
+    def __init__(self, readings):
+        self.readings, self.taken = list(readings), 0
+        self.past_peak = threading.Event()
+
+    def memory_info(self):
+        value = self.readings[min(self.taken, len(self.readings) - 1)]
+        self.taken += 1
+        if self.taken > self.readings.index(max(self.readings)) + 1:
+            self.past_peak.set()
+        return types.SimpleNamespace(rss=value)
+
+
+def test_peak_memory_sampler_sees_a_peak_that_neither_end_reading_sees(monkeypatch):
+    import psutil
+
+    # Readings far above any real high-water mark (1 PiB + k MiB), so getrusage cannot be the maximum:
+    # at start 1 PiB, sampled +7 MiB then +1 MiB, which the end reading also sees → peak 1 PiB + 7 MiB.
+    base, mib = 1 << 50, 1 << 20
+    fake = FakeProcess([base, base, base + 7 * mib, base + mib])
+    monkeypatch.setattr(psutil, "Process", lambda: fake)
+    with PeakMemory(interval=0.001) as memory:
+        assert fake.past_peak.wait(timeout=60), "the sampler thread took no reading after the peak"
+    assert memory.peak == base + 7 * mib
+
+
+def test_peak_memory_without_a_sampler_is_the_kernels_high_water_mark(monkeypatch):
+    import psutil
+
+    # RSS readings of 1 byte: what PeakMemory reports is then getrusage's ru_maxrss (KiB on Linux) · 1024,
+    # which only grows: between the value read before and the one read after.
+    monkeypatch.setattr(psutil, "Process", lambda: FakeProcess([1]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with PeakMemory(interval=None) as memory:
+        pass
+    assert before <= memory.peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def test_bench_specs_are_valid_jobs():

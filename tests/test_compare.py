@@ -4,14 +4,17 @@ Expected fronts, chosen epochs and costs are worked out by hand in the comments 
 """
 from __future__ import annotations
 
+import ast
 import base64
 import math
+import re
 import warnings
 
 import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import compare, report, results
+from tests.conftest import ROOT
 
 NAN = math.nan
 
@@ -225,36 +228,55 @@ def test_format_table_marks_references_and_over_ceiling():
 
 
 # ---------------------------------------------------------------------------------------------
-# Query examples for the README
+# Query examples for the README: its code blocks, as written, run against a run directory
 
 
-def test_duckdb_query_over_evals_parquet(tmp_path):
-    duckdb = pytest.importorskip("duckdb")
-    _write_run(tmp_path, _sweep_rows() + [_row("a1", "npo", 2, 0.5, 0.30)])
-    # README example: best epoch per method under the 0.10 ceiling. By hand: npo → a1 epoch 1 (1e-2; its epoch 2
-    # is over the ceiling), ga → b1 (1e-2; d1 is over), rmu → c1 (1e-4); target/retain excluded.
-    query = f"""
-        SELECT method, trial_id, epoch, forget_quality, utility_loss
-        FROM read_parquet('{tmp_path}/evals/*.parquet', union_by_name = true)
-        WHERE utility_loss <= 0.10 AND method NOT IN ('target', 'retain')
-        QUALIFY row_number() OVER (PARTITION BY method ORDER BY forget_quality DESC, utility_loss, epoch) = 1
-        ORDER BY forget_quality DESC, method
-    """
-    assert duckdb.sql(query).fetchall() == [
-        ("ga", "b1", 1, 1e-2, 0.05), ("npo", "a1", 1, 1e-2, 0.05), ("rmu", "c1", 1, 1e-4, 0.01)]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_polars_query_over_evals_parquet(tmp_path):
-    pl = pytest.importorskip("polars")
-    _write_run(tmp_path, _sweep_rows())
-    # README example: the highest FQ per method under the ceiling (by hand as above: ga 1e-2, npo 1e-2, rmu 1e-4).
-    frame = (
-        pl.from_arrow(results.read_evals(tmp_path))
-        .filter(pl.col("utility_loss") <= 0.10, ~pl.col("method").is_in(["target", "retain"]))
-        .group_by("method").agg(pl.col("forget_quality").max())
-        .sort(["forget_quality", "method"], descending=[True, False])
-    )
-    assert frame.rows() == [("ga", 1e-2), ("npo", 1e-2), ("rmu", 1e-4)]
+def readme_block(language: str, containing: str) -> str:
+    """The one fenced ``language`` block of README.md that contains ``containing``, exactly as written."""
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", README, re.S) if containing in b]
+    assert len(blocks) == 1, f"README.md: {len(blocks)} ```{language} blocks contain {containing!r}"
+    return blocks[0]
+
+
+def _quickstart_run(tmp_path, monkeypatch, rows) -> None:
+    """The README's queries read ``runs/quickstart`` relative to the working directory: write it there."""
+    _write_run(tmp_path / "runs" / "quickstart", rows)
+    monkeypatch.chdir(tmp_path)
+
+
+def _assert_best_per_method(rows: list[tuple], expected: list[tuple], fq_column: int) -> None:
+    # ga and npo tie on FQ (1e-2) and the README orders by FQ alone: their order is free, the FQ order is not.
+    assert sorted(rows) == sorted(expected)
+    assert [row[fq_column] for row in rows] == sorted((row[fq_column] for row in expected), reverse=True)
+
+
+def test_readme_duckdb_query_over_evals_parquet(tmp_path, monkeypatch):
+    import duckdb
+
+    _quickstart_run(tmp_path, monkeypatch, _sweep_rows() + [_row("a1", "npo", 2, 0.5, 0.30)])
+    # Best epoch per method under the 0.10 ceiling, by hand: npo → a1 epoch 1 (1e-2; its epoch 2 is over the
+    # ceiling), ga → b1 (1e-2; d1 is over), rmu → c1 (1e-4); target/retain excluded.
+    rows = duckdb.sql(readme_block("sql", "read_parquet('runs/quickstart/evals/*.parquet'")).fetchall()
+    _assert_best_per_method(rows, [("ga", "b1", 1, 1e-2, 0.05), ("npo", "a1", 1, 1e-2, 0.05),
+                                   ("rmu", "c1", 1, 1e-4, 0.01)], fq_column=3)
+
+
+def test_readme_polars_snippet_over_evals_parquet(tmp_path, monkeypatch):
+    import polars as pl
+
+    _quickstart_run(tmp_path, monkeypatch, _sweep_rows())
+    # The snippet is statements then one expression (the frame it shows): run the first, evaluate the last.
+    *statements, last = ast.parse(readme_block("python", "import polars as pl")).body
+    assert isinstance(last, ast.Expr)
+    namespace: dict = {}
+    exec(compile(ast.Module(statements, type_ignores=[]), "README.md", "exec"), namespace)
+    frame = eval(compile(ast.Expression(last.value), "README.md", "eval"), namespace)
+    assert isinstance(frame, pl.DataFrame)
+    # The highest FQ per method under the ceiling (by hand as above: ga 1e-2, npo 1e-2, rmu 1e-4).
+    _assert_best_per_method(frame.rows(), [("ga", 1e-2), ("npo", 1e-2), ("rmu", 1e-4)], fq_column=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,12 +127,16 @@ def test_every_metric_column_is_filled(setup):
     own = _run(model, tokenizer, data)
     assert set(own.metrics) == set(METRIC_COLUMNS)
     assert own.metrics["forget_quality"] is None  # no retain reference yet
-    # The model as its own retain reference: identical truth ratios (KS p = 1) and AUCs (privleak 0).
-    result = _run(model, tokenizer, data, reference=own.reference)
+    # A retain reference with the model's own AUCs (privleak 0) and forget truth ratios all above the
+    # model's: the 5 + 5 values separate completely, D = 1, and the exact KS p-value is the share of the
+    # C(10, 5) = 252 orders that separate them (2): 1/126. (The model's own ratios would give p = 1.)
+    own_ratios = own.reference.forget_truth_ratios
+    above = [max(own_ratios) + 1.0 + i for i in range(len(own_ratios))]
+    result = _run(model, tokenizer, data, reference=ReferenceStats(above, dict(own.reference.mia_auc)))
     assert set(result.metrics) == set(METRIC_COLUMNS)
     missing = [name for name, value in result.metrics.items() if value is None or not math.isfinite(value)]
     assert missing == []
-    assert result.metrics["forget_quality"] == pytest.approx(1.0)
+    assert len(own_ratios) == 5 and result.metrics["forget_quality"] == pytest.approx(1 / 126, rel=1e-9)
     assert result.metrics["privleak"] == pytest.approx(0.0, abs=1e-9)
     assert result.metrics["utility_loss"] == pytest.approx(1 - result.metrics["model_utility"] / 0.5)
     assert len(result.reference.forget_truth_ratios) == len(data[SPLITS["forget"]])

@@ -8,7 +8,6 @@ import zlib
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from orchestrator.evaluation import metrics as M
 
@@ -60,17 +59,53 @@ def test_forget_quality_hand_case():
     assert M.forget_quality([0.3, 0.5, 0.9], [0.3, 0.5, 0.9]) == pytest.approx(1.0)
 
 
-def test_forget_quality_matches_scipy():
+def test_forget_quality_overlapping_samples_by_hand():
+    # a = 1, 2, 4 and b = 3, 5, 6: merged order a a b a b b, so #a − #b along it is 1 2 1 2 1 0 and
+    # D = 2/3. Of the C(6, 3) = 20 equally likely orders, the 8 that never lead by 2 are the three-fold
+    # choices of "ab" or "ba" (2³); the other 12 reach D ≥ 2/3: p = 12/20 = 0.6.
+    assert M.forget_quality([1.0, 2.0, 4.0], [3.0, 5.0, 6.0]) == pytest.approx(0.6, rel=1e-9)
+    # Interleaved a b a b a b: D = 1/3, which every order reaches (its first element alone): p = 1.
+    assert M.forget_quality([1.0, 3.0, 5.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0, rel=1e-9)
+
+
+def _exact_ks_pvalue(a: list[float], b: list[float]) -> float:
+    """Two-sided exact KS p-value by enumeration: under the null every assignment of n of the n + m
+    pooled (distinct) values to the first sample is equally likely; p = share with D ≥ the observed D."""
+    pooled = sorted(a + b)
+    n, m = len(a), len(b)
+
+    def statistic(first: set[int]) -> float:
+        # max over the pooled order of |F_a − F_b|, in units of 1/(n·m) to keep it an integer
+        seen_a = seen_b = 0
+        largest = 0
+        for position in range(n + m):
+            if position in first:
+                seen_a += 1
+            else:
+                seen_b += 1
+            largest = max(largest, abs(seen_a * m - seen_b * n))
+        return largest
+
+    observed = statistic({pooled.index(x) for x in a})
+    splits = list(itertools.combinations(range(n + m), n))
+    return sum(statistic(set(split)) >= observed for split in splits) / len(splits)
+
+
+def test_forget_quality_equals_the_enumerated_exact_pvalue_for_unequal_sizes():
+    # 5 vs 7 truth-ratio-like values (C(12, 5) = 792 orders enumerated), then 4 vs 6 (210).
     rng = np.random.default_rng(0)
-    a, b = rng.lognormal(size=40), rng.lognormal(0.5, size=37)
-    assert M.forget_quality(a, b) == stats.ks_2samp(a, b).pvalue
+    for n, m, shift in ((5, 7, 0.8), (4, 6, 0.3)):
+        a, b = list(rng.lognormal(size=n)), list(rng.lognormal(shift, size=m))
+        assert len(set(a + b)) == n + m  # no ties, as for continuous truth ratios
+        assert M.forget_quality(a, b) == pytest.approx(_exact_ks_pvalue(a, b), rel=1e-9)
 
 
 def test_model_utility_harmonic_mean():
     # 3 / (1/1 + 1/0.5 + 1/0.25) = 3/7.
     assert M.model_utility([1.0, 0.5, 0.25]) == pytest.approx(3 / 7, rel=1e-12)
-    values = [0.3, 0.8, 0.55, 0.61, 0.2, 0.9, 0.44, 0.37, 0.7]
-    assert M.model_utility(values) == pytest.approx(stats.hmean(values), rel=1e-12)
+    # Nine values with easy reciprocals: 2 + 4 + 1 + 5 + 2 + 4 + 10 + 1 + 2 = 31 → 9/31.
+    values = [0.5, 0.25, 1.0, 0.2, 0.5, 0.25, 0.1, 1.0, 0.5]
+    assert M.model_utility(values) == pytest.approx(9 / 31, rel=1e-12)
     assert M.model_utility(values[:-1] + [0.0]) == 0.0
     with pytest.raises(ValueError):
         M.model_utility([0.5, -0.1])

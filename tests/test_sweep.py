@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -51,7 +52,8 @@ def test_trial_config_split_for_both_layouts():
 
 
 def test_optuna_space_is_conditional_on_the_method():
-    optuna = pytest.importorskip("optuna")
+    import optuna
+
     spec = _spec([{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}},
                   {"name": "npo", "params": {"alpha": 0.0}, "space": {"beta": {"choice": [0.1, 0.5]}}}],
                  search="optuna")
@@ -95,8 +97,6 @@ def test_grid_sweep_writes_one_final_row_per_trial(grid_run):
     from orchestrator.results import EVALS_SCHEMA
 
     assert set(EVALS_SCHEMA.names) <= set(grid_run.evals.column_names)
-    retain = next(r for r in grid_run.evals.to_pylist() if r["method"] == "retain")
-    assert retain["forget_quality"] == pytest.approx(1.0)  # the KS test of the retain model against itself
     assert grid_run.ranking is not None and grid_run.ranking.num_rows >= 4
     rows = [r for r in grid_run.evals.to_pylist() if r["method"] not in ("target", "retain")]
     trials = {r["trial_id"] for r in rows}
@@ -112,16 +112,6 @@ def test_grid_sweep_writes_one_final_row_per_trial(grid_run):
         assert r["num_workers"] == 2 and r["per_worker_batch"] == 4 and r["grad_accum"] == 1
         assert r["effective_batch"] == 8 and r["zero_stage"] == 2 and r["seed"] == 0
         assert r["spec_hash"] and r["git_sha"] and "torch" in json.loads(r["versions"])
-
-
-@pytest.mark.integration
-def test_resume_of_a_finished_run_reruns_nothing(grid_run):
-    from orchestrator.api import resume
-
-    files = {p: p.stat().st_mtime_ns for p in (grid_run.run_dir / "evals").glob("*.parquet")}
-    result = resume(grid_run.run_dir, log=lambda line: None)
-    assert {p: p.stat().st_mtime_ns for p in (grid_run.run_dir / "evals").glob("*.parquet")} == files
-    assert result.evals.num_rows == grid_run.evals.num_rows
 
 
 def _epochs_and_last_rows(rows: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
@@ -171,18 +161,24 @@ def test_asha_stops_the_bad_half_early(ray_local, tiny_cache, tmp_path):
 
 
 @pytest.mark.integration
-def test_optuna_multi_objective_sweep_runs(ray_local, tiny_cache, tmp_path):
+def test_optuna_multi_objective_sweep_tells_the_searcher_both_objectives(ray_local, tiny_cache, tmp_path):
     """NSGA-II over (log10 FQ, utility loss) with the method itself a searched choice; the search algorithm,
-    OptunaSpace included, is pickled into the experiment's checkpoint. On this tiny benchmark utility loss
-    is undefined (the target's model utility is 0), so Optuna cannot be told the values (Tune logs it):
-    what is checked is that the sweep runs, samples within the space and writes a row per trial."""
+    OptunaSpace included, is pickled into the experiment's checkpoint. The study saved there must hold every
+    trial as complete with both values finite and equal to what the trial's evals row says.
+
+    Utility loss needs a target whose model utility is above 0: the shared tiny target (4 prepare epochs)
+    generates no answer word (ROUGE 0, so MU 0); 20 epochs at lr 5e-3 give it MU ≈ 0.19 (measured), so
+    this test prepares its own pair of reference models (about a minute)."""
     import cloudpickle
+    import optuna
 
     from orchestrator.api import run
+    from orchestrator.scores import log10_forget_quality
     from orchestrator.sweep import OptunaSpace
 
     spec = parse_spec(tiny_spec(
         tiny_cache,
+        prepare={"epochs": 20, "lr": 5e-3, "batch_size": 16, "cache_dir": str(tiny_cache)},
         training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0},
         scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 0},
         sweep={"methods": [{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}},
@@ -191,7 +187,10 @@ def test_optuna_multi_objective_sweep_runs(ray_local, tiny_cache, tmp_path):
     ))
     run_dir = tmp_path / "run"
     result = run(spec, run_dir=run_dir, log=lambda line: None)
-    rows = [r for r in result.evals.to_pylist() if r["method"] in ("ga", "npo")]
+    evals = result.evals.to_pylist()
+    target = next(r for r in evals if r["method"] == "target")
+    assert target["model_utility"] > 0  # else utility loss is undefined and nothing below can hold
+    rows = [r for r in evals if r["method"] in ("ga", "npo")]
     assert len({r["trial_id"] for r in rows}) == 3
     assert len(rows) == 3 and all(r["status"] == "ok" and r["epoch"] == 1 for r in rows)
     for r in rows:
@@ -200,6 +199,19 @@ def test_optuna_multi_objective_sweep_runs(ray_local, tiny_cache, tmp_path):
     (state_file,) = (run_dir / "tune").glob("searcher-state-*.pkl")
     state = cloudpickle.loads(state_file.read_bytes())
     assert isinstance(_find_instance(state, OptunaSpace), OptunaSpace)
+    # What the searcher was told: one complete Optuna trial per Tune trial, with (log10 FQ, utility loss)
+    # as that trial's row has them (matched by method and learning rate).
+    study = _find_instance(state, optuna.Study)
+    assert isinstance(study, optuna.Study)
+    told = study.get_trials(deepcopy=False)
+    assert [t.state for t in told] == [optuna.trial.TrialState.COMPLETE] * 3
+    by_point = {(r["method"], json.loads(r["params"])["lr"]): r for r in rows}
+    for trial in told:
+        method = trial.params["method"]
+        row = by_point[(method, trial.params[f"{method}.lr"])]
+        assert len(trial.values) == 2 and all(math.isfinite(v) for v in trial.values), trial.values
+        assert trial.values == [pytest.approx(log10_forget_quality(row["forget_quality"])),
+                                pytest.approx(row["utility_loss"])]
 
 
 def _find_instance(obj, cls, depth: int = 0):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -91,26 +92,31 @@ def test_exported_names_follow_ray_prometheus_naming():
 
 
 def test_live_gauges_set_the_latest_value_again_until_closed(monkeypatch):
+    """No timing assumed: refreshes are held back (Ray "down") until both values are set, the fake gauge
+    signals its 4th refresh, and ``close`` joins the thread."""
     sets = []
+    refreshed = threading.Event()
+    ray_up = threading.Event()
 
     class FakeGauge:
         def set(self, value, tags):
             if tags == own_tags:  # the module's own LiveGauges may refresh an earlier test's series meanwhile
                 sets.append((value, tags))
+                if len(sets) == 2 + 4:  # the two sets below, then 4 refreshes by the thread
+                    refreshed.set()
 
     monkeypatch.setattr(telemetry, "_instrument", lambda name: FakeGauge())
-    monkeypatch.setattr(telemetry, "ray_running", lambda: True)
+    monkeypatch.setattr(telemetry, "ray_running", ray_up.is_set)
     tags = own_tags = {"run_id": "r", "trial_id": "t", "method": "ga"}
-    gauges = telemetry.LiveGauges(refresh_s=0.01)
+    gauges = telemetry.LiveGauges(refresh_s=0.001)
     gauges.set("unlearn_epoch", 1.0, tags)
     gauges.set("unlearn_epoch", 2.0, tags)
-    time.sleep(0.2)
+    assert sets == [(1.0, tags), (2.0, tags)]  # each set reaches the gauge at once; no refresh while Ray is down
+    ray_up.set()
+    assert refreshed.wait(timeout=60), f"only {len(sets) - 2} refreshes"
     gauges.close()
-    count = len(sets)
-    time.sleep(0.1)
-    assert len(sets) == count  # closed: no more refreshes
-    assert sets[0] == (1.0, tags)
-    assert sets[-1] == (2.0, tags) and sets.count((2.0, tags)) >= 4  # the latest value, set again and again
+    assert not gauges._thread.is_alive()  # joined: no gauge is set again after close returns
+    assert sets[2:] == [(2.0, tags)] * (len(sets) - 2) and len(sets) >= 6  # the latest value, again and again
 
 
 def test_trial_telemetry_is_a_noop_without_ray(monkeypatch):
@@ -189,7 +195,6 @@ def test_init_ray_names_the_job_and_sets_the_metrics_port(address, monkeypatch, 
 
 
 def test_tune_callbacks_from_the_tracking_spec(tmp_path):
-    pytest.importorskip("mlflow")
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.logger import TBXLoggerCallback
 
@@ -212,9 +217,16 @@ def reporting_trainable(config):
         tune.report({"loss": config["x"] / (step + 1), "epoch": step + 1})
 
 
+def docs_tracking_section() -> dict:
+    """The ``tracking:`` YAML block of docs/grafana/README.md, as written there."""
+    text = (ROOT / "docs" / "grafana" / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("tracking:")]
+    return yaml.safe_load(block)["tracking"]
+
+
 @pytest.mark.integration
 def test_mlflow_and_tensorboard_callbacks_in_a_tiny_tune_run(ray_local, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+    """The docs' ``tracking:`` block, validated as a spec section, drives both exporters in a real Tune run."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -223,7 +235,8 @@ def test_mlflow_and_tensorboard_callbacks_in_a_tiny_tune_run(ray_local, tmp_path
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # nothing may land in the working directory (MLflow's default ./mlruns)
-    tracking = TrackingSpec(tensorboard=True, mlflow=True)
+    tracking = parse_spec(tiny_spec(tmp_path / "cache", tracking=docs_tracking_section())).tracking
+    assert tracking.tensorboard and tracking.mlflow and tracking.mlflow_tracking_uri is None
     run_dir = tmp_path / "run"
     tuner = tune.Tuner(
         tune.with_resources(reporting_trainable, {"cpu": 0.01}), param_space={"x": tune.grid_search([1.0, 3.0])},
