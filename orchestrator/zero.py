@@ -35,8 +35,8 @@ def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, world_size: 
         "steps_per_print": 1 << 30,
         **force_ds_optimizer,
     }
-    if max_grad_norm > 0:
-        config["gradient_clipping"] = max_grad_norm
+    # Always written: left out, DeepSpeed 0.19 clips at its default of 1.0, so max_grad_norm 0 still clipped.
+    config["gradient_clipping"] = max_grad_norm
     if dtype == "bfloat16":
         config["bf16"] = {"enabled": True}
     elif dtype == "float16":

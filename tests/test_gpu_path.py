@@ -41,8 +41,6 @@ def test_bf16_zero3_without_offload_keeps_parameters_and_optimizer_on_the_device
     assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: max_grad_norm 0 leaves 'gradient_clipping' out of the "
-                   "DeepSpeed config, and DeepSpeed 0.19's default for it is 1.0, so the trial still clips at 1")
 def test_max_grad_norm_0_turns_deepspeed_clipping_off(monkeypatch):
     parsed = deepspeed_reads(deepspeed_config(2, 8, 1, 1, "float32", False, 0.0), 1, monkeypatch)
     assert parsed.gradient_clipping == 0.0
