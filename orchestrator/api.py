@@ -309,8 +309,10 @@ def base_trial_config(spec: JobSpec, run_dir: Path, run_id: str, prepared) -> di
         "model": model_config(spec, prepared.model_path, prepared.tokenizer_path),
         "training": spec.training.model_dump(), "scaling": spec.scaling.model_dump(),
         "benchmark": benchmark_config(spec), "evaluation": evaluation_config(spec),
-        "references": {"retain_stats": prepared.retain_stats, "target_model_utility": prepared.target_model_utility},
+        "references": {"retain_stats": prepared.retain_stats, "target_model_utility": prepared.target_model_utility,
+                       "alternates": prepared.alternates},
         "utility_weight": spec.sweep.utility_weight if spec.sweep else None,
+        "utility_ceiling": spec.utility_ceiling, "robustness": spec.robustness.model_dump(),
         "threads_per_worker": spec.scaling.threads_per_worker,
     }
 
@@ -356,7 +358,7 @@ def prepare_only(spec: JobSpec, address: str | None = None, log: Callable[[str],
 
 
 def summarize_sources(sources: list[str], out: str | None, utility_ceiling: float | None,
-                      log: Callable[[str], None] = print):
+                      log: Callable[[str], None] = print, robust: bool = False):
     """``unlearn compare``: rank one or several runs (or Parquet files) and write the report."""
     from orchestrator.compare import compare_runs, format_table
 
@@ -367,7 +369,7 @@ def summarize_sources(sources: list[str], out: str | None, utility_ceiling: floa
     for source in sources:
         if not Path(source).exists():
             raise SpecError(f"compare: {source}: no such run directory or Parquet file")
-    comparison = compare_runs(list(sources), out, utility_ceiling=ceiling)
+    comparison = compare_runs(list(sources), out, utility_ceiling=ceiling, robust=robust)
     log(format_table(comparison.methods))
     log(format_table(comparison.ranked))
     log(f"ranking: {comparison.ranking_path} · report: {comparison.report_paths.get('html')}")

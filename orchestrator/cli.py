@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", metavar="DIR", help="where ranking.parquet and report/ go (default: first RUN_DIR)")
     compare.add_argument("--utility-ceiling", type=float, default=None, metavar="X",
                          help="largest utility loss a chosen epoch may have (default: the spec's, else 0.10)")
+    compare.add_argument("--robust", action="store_true",
+                         help="rank on each trial's forgetting after its worst robustness probe (robustness.probes)")
 
     evaluate = commands.add_parser(
         "eval", help="score models on a benchmark without training; the same evals/samples tables as a sweep",
@@ -133,7 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "compare":
         from orchestrator.api import summarize_sources
 
-        summarize_sources(args.sources, args.out, args.utility_ceiling)
+        summarize_sources(args.sources, args.out, args.utility_ceiling, robust=args.robust)
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from orchestrator import report, results, scores
+from orchestrator.probe_view import PROBE_FIELDS, probed_forget, split_probe_rows, worst_probe
 from orchestrator.results import REFERENCE_METHODS, benchmark_kind, forget_axis
 DEFAULT_UTILITY_CEILING = 0.10
 
@@ -120,31 +121,15 @@ def _rows_by_trial(evals: pa.Table) -> dict[tuple[str, str], list[dict[str, Any]
     if missing:
         raise ValueError(f"evals table lacks columns {missing}; read it with results.read_evals")
     by_trial: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for row in evals.to_pylist():
+    for row in split_probe_rows(evals.to_pylist())[0]:
         if row["trial_id"] is None or row["epoch"] is None:
             raise ValueError(f"evals row without trial_id or epoch: run {row['run_id']!r}, trial {row['trial_id']!r}")
         by_trial.setdefault((row["run_id"], row["trial_id"]), {})[row["epoch"]] = row
     return {key: [rows[e] for e in sorted(rows)] for key, rows in sorted(by_trial.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))}
 
 
-def _choose_row(rows: list[dict[str, Any]], utility_ceiling: float, forget: Callable[[dict[str, Any]], float]
-                ) -> tuple[dict[str, Any], bool]:
-    """The row that represents a trial, and whether it lies over the utility-loss ceiling."""
-    # Epoch 0 is the untouched target (already shown as the reference point); picking it would rank
-    # "no unlearning" as a trial's result, so it only counts when the trial has nothing else.
-    candidates = [row for row in rows if row["epoch"] >= 1] or rows
-    measured = [row for row in candidates if _is_measured(forget(row), row["utility_loss"])]
-    within = [row for row in measured if row["utility_loss"] <= utility_ceiling]
-    if within:
-        return min(within, key=lambda r: (-forget(r), r["utility_loss"], r["epoch"])), False
-    if measured:  # least-bad: the epoch that damaged utility least
-        return min(measured, key=lambda r: (r["utility_loss"], -forget(r), r["epoch"])), True
-    return rows[-1], False  # diverged / failed throughout: keep its last row, ranked last
-
-
-def _trial_summary(rows: list[dict[str, Any]], utility_ceiling: float, reference: bool,
-                   forget: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
-    chosen, over_ceiling = (rows[-1], False) if reference else _choose_row(rows, utility_ceiling, forget)
+def _trial_summary(rows: list[dict[str, Any]], utility_ceiling: float, reference: bool, axis: str) -> dict[str, Any]:
+    chosen, over_ceiling = (rows[-1], False) if reference else scores.choose_row(rows, utility_ceiling, axis)
     summary = dict(chosen)
     summary.update(
         status=rows[-1]["status"],  # latest status: a trial that diverged after its best epoch says so
@@ -167,16 +152,18 @@ def best_epochs(evals: pa.Table, utility_ceiling: float = DEFAULT_UTILITY_CEILIN
     """
     if not math.isfinite(utility_ceiling):
         raise ValueError(f"utility_ceiling must be a finite number, got {utility_ceiling}")
-    forget = forget_function(forget_axis(evals))
+    axis = forget_axis(evals)
     if benchmark_kind(evals) == "muse":
         evals = pa.Table.from_pylist(muse_utility(evals.to_pylist()), schema=evals.schema)
     trials, references = [], []
+    probes = split_probe_rows(evals.to_pylist())[1]
     for rows in _rows_by_trial(evals).values():
         is_reference = rows[-1]["method"] in REFERENCE_METHODS
-        (references if is_reference else trials).append(_trial_summary(rows, utility_ceiling, is_reference, forget))
+        summary = _trial_summary(rows, utility_ceiling, is_reference, axis)
+        (references if is_reference else trials).append(summary | worst_probe(summary, probes, axis))
     references.sort(key=lambda r: (str(r["run_id"]), REFERENCE_METHODS.index(r["method"])))  # target, then retain
     schema = evals.schema
-    for added in SUMMARY_FIELDS:
+    for added in SUMMARY_FIELDS + PROBE_FIELDS:
         schema = schema.append(added)
     return pa.Table.from_pylist(trials + references, schema=schema)
 
@@ -258,17 +245,19 @@ def _require_columns(table: pa.Table, names: tuple[str, ...], producer: str) -> 
         raise ValueError(f"table lacks columns {missing}; pass the output of {producer}")
 
 
-def rank_trials(best: pa.Table) -> pa.Table:
+def rank_trials(best: pa.Table, robust: bool = False) -> pa.Table:
     """``best`` with ``rank`` (1..n) and ``front`` first, trials in rank order, then the reference rows.
 
     Order: within-ceiling trials by Pareto front on (log10 FQ ↑, utility loss ↓) — MUSE: (VerbMem ↓,
     utility loss ↓) — within a front higher FQ (lower VerbMem) then fewer worker-seconds; then
     over-ceiling trials ranked the same way; then trials without measured metrics. Reference rows keep
-    ``rank`` and ``front`` null.
+    ``rank`` and ``front`` null. ``robust``: the forget axis after each trial's worst probe instead of its
+    own (probe_view.py).
     """
     _require_columns(best, tuple(f.name for f in SUMMARY_FIELDS) + ("utility_loss",), "best_epochs")
     rows = best.to_pylist()
-    trials = _pareto_order([row for row in rows if not row["reference"]], _summary_forget(best))
+    forget = probed_forget if robust else _summary_forget(best)
+    trials = _pareto_order([row for row in rows if not row["reference"]], forget)
     references = [row for row in rows if row["reference"]]
     schema = pa.schema(list(RANK_FIELDS) + [f for f in best.schema if f.name not in ("rank", "front")])
     return pa.Table.from_pylist(trials + references, schema=schema)
@@ -318,9 +307,10 @@ def comparability_warnings(ranked: pa.Table, utility_ceiling: float) -> list[str
     return messages
 
 
-def compare_evals(evals: pa.Table, utility_ceiling: float = DEFAULT_UTILITY_CEILING) -> Comparison:
-    """Rank trials and methods of an in-memory evals table (nothing is written)."""
-    ranked = rank_trials(best_epochs(evals, utility_ceiling))
+def compare_evals(evals: pa.Table, utility_ceiling: float = DEFAULT_UTILITY_CEILING, robust: bool = False) -> Comparison:
+    """Rank trials and methods of an in-memory evals table (nothing is written); ``robust``: on the forget
+    axis after the worst robustness probe."""
+    ranked = rank_trials(best_epochs(evals, utility_ceiling), robust)
     run_ids = list(dict.fromkeys(r for r in evals.column("run_id").to_pylist() if r is not None))
     return Comparison(
         evals=evals,
@@ -350,13 +340,14 @@ def compare_runs(
     sources: list[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     utility_ceiling: float = DEFAULT_UTILITY_CEILING,
+    robust: bool = False,
 ) -> Comparison:
     """Read run directories (or evals Parquet files), rank, write ``ranking.parquet`` and ``report/``.
 
     ``out_dir`` defaults to the first source (its directory when it is a file). Warnings about
     trials that are not like for like are both raised with ``warnings.warn`` and returned.
     """
-    comparison = compare_evals(_read_sources(sources), utility_ceiling)
+    comparison = compare_evals(_read_sources(sources), utility_ceiling, robust)
     if out_dir is None:
         first = Path(sources[0])
         out_dir = first if first.is_dir() else first.parent

@@ -61,3 +61,17 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: l
         })
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
     return get_peft_model(model, config)
+
+
+def build_module(model_cfg: dict, lora: dict | None, method):
+    """What a trial trains, freshly built: the model (LoRA-wrapped when ``lora``) or ULD's assistant."""
+    base = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
+    if method.trains == "assistant":
+        from orchestrator.uld import assistant_layer_count, build_assistant
+
+        p = method.params
+        layers = assistant_layer_count(base.config.num_hidden_layers, p.assistant_layers)
+        return build_assistant(base, layers, p.lora_rank, p.lora_alpha, p.lora_dropout)
+    if lora:
+        return apply_lora(base, lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
+    return base

@@ -32,6 +32,7 @@ class Prepared:
     seconds: float
     evaluation_files: dict[str, str] = field(default_factory=dict)  # method → its cached evaluation JSON
     data_hash: str = ""  # content hash of the benchmark's rows (keys every cached evaluation)
+    alternates: str | None = None  # AltPO's generated alternates (JSON), when a swept method reads them
 
 
 def model_fingerprint(reference: str | None) -> Any:
@@ -109,6 +110,11 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
     if not target_json.exists():
         log(f"prepare: evaluating the target model {model_path}")
         tasks.append(evaluation_task(spec, model_path, tokenizer_path, retain_json, target_json))
+    alternates = alternates_file(spec, data, data_hash, model_path, cache)
+    if alternates and not alternates.exists():
+        log(f"prepare: sampling AltPO's alternate answers from the target for the {bench['forget_split']} questions")
+        tasks.append(dict(evaluation_task(spec, model_path, tokenizer_path, None, target_json), job="alternates",
+                          alternates_out=str(alternates)))
     if tasks:
         run_fit([tasks], spec.prepare.num_workers, spec.scaling.cpus_per_worker)
     target_eval = json.loads(target_json.read_text())
@@ -116,7 +122,21 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
     rows = reference_rows(target_eval["metrics"], retain_eval["metrics"] if retain_eval else None)
     files = {"target": str(target_json)} | ({"retain": str(retain_json)} if retain_json else {})
     return Prepared(model_path, tokenizer_path, str(retain_json) if retain_json else None,
-                    rows[0].get("model_utility"), rows, time.perf_counter() - start, files, data_hash)
+                    rows[0].get("model_utility"), rows, time.perf_counter() - start, files, data_hash,
+                    str(alternates) if alternates else None)
+
+
+def alternates_file(spec: JobSpec, data, data_hash: str, model_path: str, cache: Path) -> Path | None:
+    """Where AltPO's generated alternates are cached, or None when no swept method reads them or the forget
+    rows bring their own (an ``alternate`` field)."""
+    from methods import describe
+
+    wanted = spec.sweep is not None and any("alternate" in describe(e.name).splits for e in spec.sweep.methods)
+    if not wanted or all(row.get("alternate") for row in data[spec.benchmark.forget_split]):
+        return None
+    key = content_hash(data_hash, model_fingerprint(model_path), spec.model.prompt_template, spec.seed,
+                       spec.benchmark.forget_split, spec.evaluation.max_new_tokens)
+    return cache / "alternates" / f"{key}.json"
 
 
 def evaluation_dir(spec: JobSpec, data_hash: str, model: str, retain: str | None) -> Path:

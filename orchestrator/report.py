@@ -25,6 +25,7 @@ from orchestrator.results import forget_axis
 
 SCATTER_FILE = "fq_vs_utility_loss.png"
 CURVES_FILE = "learning_curves.png"
+PROBES_FILE = "robustness.png"
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
 _REFERENCE_STYLE = {"target": dict(marker="*", color="black", s=180), "retain": dict(marker="D", color="tab:gray", s=70)}
@@ -116,8 +117,9 @@ def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
     show_trials = "trials" in ranked.column_names
     metric = _forget_metric(ranked)
     headers = ["rank", "front"] + (["trials"] if show_trials else []) + (["run"] if show_runs else [])
+    probed = any(row.get("worst_probe") for row in rows)
     headers += ["method", "params", "epoch", metric.header, "MU", "util loss", metric.companion[1], "privleak",
-                "worker-s", "status"]
+                "worker-s", "status"] + ([f"{metric.header} after worst probe"] if probed else [])
     cells = []
     for row in rows:
         line = [_rank_cell(row), "-" if row["front"] is None else str(row["front"])]
@@ -133,7 +135,8 @@ def table_cells(ranked: pa.Table) -> tuple[list[str], list[list[str]]]:
             _number(row.get("privleak"), ".1f"),
             _number(row.get("worker_seconds"), ".1f"),
             str(row.get("status")),
-        ]
+        ] + ([f"{_number(row.get(f'probe_{metric.column}'), metric.fmt)} ({row['worst_probe']})"
+              if row.get("worst_probe") else "-"] if probed else [])
         cells.append(line)
     return headers, cells
 
@@ -298,7 +301,8 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 # Documents
 
 
-def markdown_report(*, ranked: pa.Table, methods: pa.Table, run_ids: list[str], warnings: list[str], utility_ceiling: float) -> str:
+def markdown_report(*, ranked: pa.Table, methods: pa.Table, run_ids: list[str], warnings: list[str], utility_ceiling: float,
+                    probes: Path | None = None) -> str:
     parts = [
         "# Unlearning comparison",
         f"Runs: {', '.join(f'`{r}`' for r in run_ids)}  \nUtility-loss ceiling: {utility_ceiling:g}",
@@ -310,6 +314,7 @@ def markdown_report(*, ranked: pa.Table, methods: pa.Table, run_ids: list[str], 
         "## Trials\n" + markdown_table(ranked) + "\n\n" + "\n".join(f"- {n}" for n in table_notes(ranked)),
         f"## Forget quality vs utility loss\n![forget quality vs utility loss]({SCATTER_FILE})",
         f"## Learning curves\n![learning curves]({CURVES_FILE})",
+        *([f"## Robustness probes\n![before vs after each probe]({PROBES_FILE})"] if probes else []),
         "## How to read this\n" + "\n".join(f"- {item}" for item in HOW_TO_READ),
     ]
     return "\n\n".join(parts) + "\n"
@@ -332,7 +337,7 @@ def _png_data_uri(path: Path) -> str:
 
 def html_report(
     *, ranked: pa.Table, methods: pa.Table, run_ids: list[str], warnings: list[str], utility_ceiling: float,
-    scatter: Path, curves: Path,
+    scatter: Path, curves: Path, probes: Path | None = None,
 ) -> str:
     """One HTML file with the PNGs embedded as base64, so it can be mailed or archived alone."""
     notes = lambda table: "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in table_notes(table)) + "</ul>"  # noqa: E731
@@ -348,6 +353,8 @@ def html_report(
         "<h2>Trials</h2>" + html_table(ranked) + notes(ranked),
         f"<h2>Forget quality vs utility loss</h2><img alt=\"forget quality vs utility loss\" src=\"{_png_data_uri(scatter)}\">",
         f"<h2>Learning curves</h2><img alt=\"learning curves\" src=\"{_png_data_uri(curves)}\">",
+        *([f"<h2>Robustness probes</h2><img alt=\"before vs after each probe\" src=\"{_png_data_uri(probes)}\">"]
+          if probes else []),
         f"<h2>How to read this</h2><ul>{how}</ul>",
     ]
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Unlearning comparison</title>"
@@ -361,6 +368,36 @@ def _write_text(text: str, path: Path) -> Path:
     return path
 
 
+def plot_probes(evals: pa.Table, ranked: pa.Table, path: str | os.PathLike) -> Path | None:
+    """Forget-answer probability of each probed trial's chosen epoch before and after each probe (None when
+    no trial was probed)."""
+    rows = evals.to_pylist()
+    trials = [r for r in ranked.to_pylist() if r.get("worst_probe")]
+    if not trials:
+        return None
+    probes = sorted({r["probe"] for r in rows if r.get("probe")})
+    fig = Figure(figsize=(max(6.0, 0.9 * len(trials) + 2), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / (len(probes) + 1)
+    for offset, label in enumerate(["before", *probes]):
+        values = []
+        for trial in trials:
+            if label == "before":
+                values.append(_nan_for_none(trial.get("forget_prob")))
+                continue
+            match = [r for r in rows if r.get("probe") == label and (r["run_id"], r["trial_id"], r["epoch"])
+                     == (trial["run_id"], trial["trial_id"], trial["epoch"])]
+            values.append(_nan_for_none(match[0].get("forget_prob")) if match else math.nan)
+        ax.bar([i + offset * width for i in range(len(trials))], values, width, label=label)
+    ax.set_xticks([i + width * len(probes) / 2 for i in range(len(trials))],
+                  [f"{t['method']}\n{t['trial_id'][-5:]}" for t in trials], fontsize=8)
+    ax.set_ylabel("forget-answer probability")
+    ax.set_title("Does the forgetting survive? Before vs after each probe")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_report(
     out_dir: str | os.PathLike, *, evals: pa.Table, ranked: pa.Table, methods: pa.Table,
     run_ids: list[str], warnings: list[str], utility_ceiling: float,
@@ -370,7 +407,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     scatter = plot_fq_vs_utility_loss(ranked, utility_ceiling, out_dir / SCATTER_FILE)
     curves = plot_learning_curves(evals, out_dir / CURVES_FILE)
-    shared = dict(ranked=ranked, methods=methods, run_ids=run_ids, warnings=warnings, utility_ceiling=utility_ceiling)
+    probes = plot_probes(evals, ranked, out_dir / PROBES_FILE)
+    shared = dict(ranked=ranked, methods=methods, run_ids=run_ids, warnings=warnings, utility_ceiling=utility_ceiling,
+                  probes=probes)
     markdown = _write_text(markdown_report(**shared), out_dir / MARKDOWN_FILE)
     page = _write_text(html_report(**shared, scatter=scatter, curves=curves), out_dir / HTML_FILE)
-    return {"markdown": markdown, "html": page, "scatter": scatter, "curves": curves}
+    return {"markdown": markdown, "html": page, "scatter": scatter, "curves": curves} | ({"probes": probes} if probes else {})

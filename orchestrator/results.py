@@ -104,12 +104,18 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def eval_file_name(trial_id: str, epoch: int) -> str:
-    return f"{trial_id}-e{epoch:04d}.parquet"
+def eval_file_name(trial_id: str, epoch: int, probe: str | None = None) -> str:
+    return f"{trial_id}-e{epoch:04d}" + (f"-{probe}" if probe else "") + ".parquet"
 
 
-def write_evals(run_dir: str | os.PathLike, rows: list[dict[str, Any]], trial_id: str, epoch: int) -> Path:
-    return write_table_atomic(evals_table(rows), Path(run_dir) / "evals" / eval_file_name(trial_id, epoch))
+def write_evals(run_dir: str | os.PathLike, rows: list[dict[str, Any]], trial_id: str, epoch: int,
+                probe: str | None = None) -> Path:
+    return write_table_atomic(evals_table(rows), Path(run_dir) / "evals" / eval_file_name(trial_id, epoch, probe))
+
+
+def has_evals(run_dir: str | os.PathLike, trial_id: str, epoch: int, probe: str | None = None) -> bool:
+    """Whether that row was written already (a resumed trial does not redo finished probes)."""
+    return (Path(run_dir) / "evals" / eval_file_name(trial_id, epoch, probe)).exists()
 
 
 def write_samples(run_dir: str | os.PathLike, rows: list[dict[str, Any]], trial_id: str, epoch: int) -> Path:

@@ -64,3 +64,20 @@ def score(metrics: Mapping[str, Any], utility_weight: float, axis: str = "forget
     if forget is None or loss is None:
         return None
     return forget - utility_weight * max(0.0, loss)
+
+
+def choose_row(rows: list[Mapping[str, Any]], utility_ceiling: float, axis: str) -> tuple[Mapping[str, Any], bool]:
+    """The evaluation that represents a trial, and whether it lies over the utility-loss ceiling: the best
+    forget score among epochs with utility loss ≤ ceiling (ties: lower utility loss, then earlier epoch);
+    without one, the epoch that damaged utility least; without any measured epoch, the last row. Epoch 0
+    (the untouched target) counts only when the trial has nothing else. The ranking and the robustness
+    probes (which attack this epoch) share this rule."""
+    candidates = [row for row in rows if row["epoch"] >= 1] or list(rows)
+    measured = [(row, forget, loss) for row in candidates
+                if (forget := forget_score(row, axis)) is not None and (loss := _finite(row.get("utility_loss"))) is not None]
+    within = [item for item in measured if item[2] <= utility_ceiling]
+    if within:
+        return min(within, key=lambda item: (-item[1], item[2], item[0]["epoch"]))[0], False
+    if measured:
+        return min(measured, key=lambda item: (item[2], -item[1], item[0]["epoch"]))[0], True
+    return rows[-1], False

@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
-
-TRAINER_KEYS = ("lr", "epochs", "weight_decay")
-SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: `lr: .inf` passed `gt=0` and reached the optimizer.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
+from orchestrator.spec_sweep import SweepSpec
+from orchestrator.spec_sweep import Strict as _Strict
 
 # Default (forget, retain, holdout) splits per benchmark kind. MUSE runs train and score on raw text;
 # these are the only text splits its loader (data.load_muse) knows.
@@ -165,78 +157,24 @@ class EvaluationSpec(_Strict):
     gather_weights: bool = True
 
 
-class MethodEntry(_Strict):
-    name: str
-    params: dict[str, Any] = {}  # fixed hyperparameters
-    space: dict[str, dict[str, Any]] | None = None  # overrides the method's default search space
+class RobustnessSpec(_Strict):
+    """Attacks on each trial's chosen checkpoint, run in the trial's gang after its last epoch; each adds an
+    evals row with ``probe`` set (METHODS.md, "Robustness probes"). Off by default: each costs an evaluation."""
+
+    # relearn: fine-tune on part of the forget set, score the rest; int8 / int4: round-to-nearest weights
+    probes: list[Literal["relearn", "int8", "int4"]] = []
+    # "best": the epoch the comparison represents the trial by (best under the utility ceiling);
+    # "every": every evaluated epoch
+    epochs: Literal["best", "every"] = "best"
+    relearn_fraction: float = Field(0.1, gt=0, lt=1)  # share of forget pairs the attacker trains on (≥ 1)
+    relearn_epochs: int = Field(3, ge=1)
+    relearn_lr: float | None = Field(None, gt=0)  # None: the trial's own learning rate
 
     @model_validator(mode="after")
-    def _check(self) -> "MethodEntry":
-        from methods import describe
-
-        known = set(describe(self.name).params) | set(TRAINER_KEYS)
-        for key, value in self.params.items():
-            if key not in known:
-                raise ValueError(f"params.{key}: method {self.name!r} has no such hyperparameter; known: {sorted(known)}")
-            if key in TRAINER_KEYS:
-                check_trainer_value(f"params.{key}", key, value)
-        if self.space is not None:
-            if not self.space:
-                raise ValueError("space: empty search space (omit it to use the method's default)")
-            for key, dist in self.space.items():
-                if key not in known:
-                    raise ValueError(f"space.{key}: method {self.name!r} has no such hyperparameter; known: {sorted(known)}")
-                check_distribution(f"space.{key}", dist)
+    def _unique(self) -> "RobustnessSpec":
+        if len(set(self.probes)) != len(self.probes):
+            raise ValueError(f"probes: listed twice: {self.probes}")
         return self
-
-
-def check_distribution(where: str, dist: Any) -> None:
-    if not isinstance(dist, dict) or len(dist) != 1:
-        raise ValueError(f"{where}: must be one of {{{', '.join(SPACE_KINDS)}: ...}}")
-    (kind, values), = dist.items()
-    if kind not in SPACE_KINDS:
-        raise ValueError(f"{where}: unknown distribution {kind!r}; known: {', '.join(SPACE_KINDS)}")
-    if not isinstance(values, list) or not values:
-        raise ValueError(f"{where}.{kind}: needs a non-empty list")
-    if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
-            raise ValueError(f"{where}.{kind}: needs [low, high] numbers with low < high")
-        if kind == "loguniform" and values[0] <= 0:
-            raise ValueError(f"{where}.loguniform: low must be > 0")
-    key = where.rsplit(".", 1)[-1]
-    if key in TRAINER_KEYS:
-        if key == "epochs" and kind in ("uniform", "loguniform"):
-            raise ValueError(f"{where}: epochs needs grid, choice or randint values")
-        for value in values:
-            check_trainer_value(where, key, value)
-
-
-def check_trainer_value(where: str, key: str, value: Any) -> None:
-    """A trainer setting fixed or swept per method obeys the bounds of the ``training`` section
-    (a ``params: {lr: 0}`` or ``epochs: {grid: [0]}`` used to pass and reach the optimizer)."""
-    if key == "epochs":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: epochs must be an integer >= 1, got {value!r}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
-    if key == "lr" and value <= 0:
-        raise ValueError(f"{where}: learning rates must be positive and finite")
-    if key == "weight_decay" and value < 0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {value!r}")
-
-
-class SweepSpec(_Strict):
-    methods: list[MethodEntry] = Field(min_length=1)
-    search: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1)  # grid: repeats of the grid; random/optuna: trials (per method for random)
-    max_concurrent: int | None = Field(None, ge=1)  # default: as many gangs as the cluster fits at once
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: Literal["score", "log10_forget_quality", "model_utility"] = "score"
-    utility_weight: float = Field(10.0, ge=0)  # score = log10(FQ) − utility_weight · max(0, utility loss)
-    multi_objective: bool = False  # optuna only: Pareto search on (log10 FQ ↑, utility loss ↓)
-    grace_period: int = Field(1, ge=1)  # ASHA: epochs before a trial can be stopped
-    reduction_factor: float = Field(2.0, gt=1)
 
 
 class RaySpec(_Strict):
@@ -278,6 +216,7 @@ class JobSpec(_Strict):
     sweep: SweepSpec | None = None  # what `unlearn run` searches; `unlearn eval` needs none
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
+    robustness: RobustnessSpec = RobustnessSpec()
     utility_ceiling: float = Field(0.10, gt=0)  # comparison: best epoch per trial under this utility loss
 
     @model_validator(mode="after")

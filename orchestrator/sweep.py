@@ -13,7 +13,8 @@ from typing import Any
 
 from methods import describe
 from orchestrator.errors import SweepError
-from orchestrator.spec import TRAINER_KEYS, JobSpec, MethodEntry
+from orchestrator.spec import JobSpec
+from orchestrator.spec_sweep import TRAINER_KEYS, MethodEntry
 
 DRIVER_CPU = 0.01  # a Tune trial that only drives a TorchTrainer (0 is refused by Ray 2.60)
 

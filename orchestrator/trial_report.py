@@ -37,7 +37,8 @@ def epoch_metrics(config: dict[str, Any], row: dict[str, Any], stats: EpochStats
 
 
 def emit_epoch(config: dict[str, Any], ctx, row: dict[str, Any], stats: EpochStats, samples, engine,
-               history: list[dict[str, Any]] | None = None, method_state: dict[str, float] | None = None) -> None:
+               history: list[dict[str, Any]] | None = None, method_state: dict[str, float] | None = None,
+               before_report=None) -> None:
     """Write (rank 0), print, record and report one epoch of a trial, with a checkpoint when there is one."""
     from orchestrator.results import write_evals, write_samples
 
@@ -59,6 +60,8 @@ def emit_epoch(config: dict[str, Any], ctx, row: dict[str, Any], stats: EpochSta
         checkpoint_dir = tempfile.mkdtemp(prefix="unlearn-ckpt-")
         engine.save_checkpoint(checkpoint_dir, tag="ckpt", client_state={"epoch": row["epoch"], "history": history,
                                                                          "method_state": method_state or {}})
+    if before_report is not None:  # the last epoch's probes: after its checkpoint is saved, before Tune may stop it
+        before_report()
     ctx.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "not_measured"},
                checkpoint_dir)
     if checkpoint_dir:

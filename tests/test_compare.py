@@ -363,3 +363,26 @@ def test_muse_figures_plot_verbmem_where_tofu_ones_plot_fq(tmp_path, monkeypatch
     report.plot_fq_vs_utility_loss(compare.rank_trials(compare.best_epochs(results.evals_table(_sweep_rows()))),
                                    0.1, tmp_path / "tofu.png")
     assert figures[0].axes[0].get_yscale() == "log" and "forget quality" in figures[0].axes[0].get_ylabel()
+
+
+def test_probe_rows_do_not_replace_a_trials_epoch_and_the_robust_ranking_uses_the_worst_probe():
+    # Two trials, both measured at epoch 2 within the ceiling. "fragile" forgets more (FQ 1e-2 vs 1e-4) but
+    # its forgetting does not survive: after int4 its FQ is 1e-9 (relearn 1e-6); "sturdy" keeps 1e-5.
+    rows = _references() + [
+        _row("fragile", "npo", 1, 1e-6, 0.05), _row("fragile", "npo", 2, 1e-2, 0.05),
+        _row("fragile", "npo", 2, 1e-6, 0.06, probe="relearn"), _row("fragile", "npo", 2, 1e-9, 0.05, probe="int4"),
+        _row("sturdy", "ga", 1, 1e-5, 0.05), _row("sturdy", "ga", 2, 1e-4, 0.05),
+        _row("sturdy", "ga", 2, 1e-5, 0.05, probe="int4"),
+    ]
+    plain = compare.compare_evals(results.evals_table(rows)).ranked.to_pylist()
+    by_trial = {r["trial_id"]: r for r in plain}
+    # the probe rows at epoch 2 leave each trial's own epoch-2 row as its representative
+    assert by_trial["fragile"]["forget_quality"] == 1e-2 and by_trial["fragile"]["epoch"] == 2
+    assert (by_trial["fragile"]["worst_probe"], by_trial["fragile"]["probe_forget_quality"]) == ("int4", 1e-9)
+    assert by_trial["fragile"]["probe_forget_score"] == pytest.approx(-9.0)
+    assert (by_trial["sturdy"]["worst_probe"], by_trial["sturdy"]["probe_forget_quality"]) == ("int4", 1e-5)
+    assert [r["trial_id"] for r in plain if not r["reference"]] == ["fragile", "sturdy"]
+    robust = compare.compare_evals(results.evals_table(rows), robust=True).ranked.to_pylist()
+    assert [r["trial_id"] for r in robust if not r["reference"]] == ["sturdy", "fragile"]
+    headers, cells = report.table_cells(compare.compare_evals(results.evals_table(rows)).ranked)
+    assert headers[-1] == "FQ after worst probe" and cells[0][-1] == "1.00e-09 (int4)"

@@ -103,7 +103,7 @@ def test_a_method_without_a_space_names_the_fix_for_a_grid(tmp_path):
 def test_evaluation_length_is_its_own_setting(tmp_path):
     from orchestrator.api import base_trial_config
     from orchestrator.prepare import Prepared
-    from orchestrator.worker import eval_config
+    from orchestrator.evaluation.config import eval_config
 
     spec = parse_spec(tiny_spec(tmp_path))  # training.max_length 64
     prepared = Prepared("m", "t", None, None, [], 0.0)

@@ -95,7 +95,7 @@ def worker_view(spec: JobSpec, monkeypatch) -> tuple[dict, object]:
 def test_tofu_llama2_jobs_give_the_workers_the_paper_setup(percent, monkeypatch):
     from orchestrator.data.tofu import TOFU_CONFIGS
     from orchestrator.prepare import benchmark_config
-    from orchestrator.worker import eval_config
+    from orchestrator.evaluation.config import eval_config
 
     spec = load_job(JOBS_DIR / f"tofu_llama2_forget{percent}.yaml")
     retain = f"{100 - int(percent)}"

@@ -22,7 +22,7 @@ def measure_evaluation(bench: Bench) -> list[BenchRow]:
     )
     from orchestrator.models import load_model, load_tokenizer
     from orchestrator.results import METRIC_COLUMNS
-    from orchestrator.worker import eval_config
+    from orchestrator.evaluation.config import eval_config
 
     base = bench.base_config()
     torch.set_num_threads(THREADS)

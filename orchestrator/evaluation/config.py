@@ -63,3 +63,9 @@ class EvalContext:
     @property
     def pad(self) -> int:
         return pad_id(self.tokenizer)
+
+
+def eval_config(config: dict[str, Any]) -> EvalConfig:
+    """The EvalConfig of a worker config (its ``evaluation`` section and the prompt template)."""
+    options = {k: v for k, v in config["evaluation"].items() if k not in ("every", "gather_weights")}
+    return EvalConfig(template=config["model"]["prompt_template"], **options)
