@@ -123,6 +123,10 @@ class TrainingSpec(_Strict):
     max_length: int = Field(128, ge=8)
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
+    # Training forwards (a method's policy and reference forwards, prepare's fine-tunes) under
+    # torch.autocast in bfloat16; weights, gradients and optimizer states stay float32 (model.dtype) and
+    # evaluation runs in model.dtype.
+    autocast: Literal["bfloat16"] | None = None
 
 
 class ScalingSpec(_Strict):
