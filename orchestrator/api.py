@@ -53,9 +53,10 @@ def preflight(spec: JobSpec) -> None:
     from orchestrator.prepare import benchmark_config
     from orchestrator.sweep import grid_configs
 
-    for field, reference in (("model.target", spec.model.target), ("model.retain", spec.model.retain),
-                             ("model.tokenizer", spec.model.tokenizer)):
-        if reference and reference != "embedded":
+    m = spec.model
+    for field, reference in (("model.target", None if m.uses_embedded_model or m.base else m.target),
+                             ("model.retain", m.retain), ("model.tokenizer", m.tokenizer), ("model.base", m.base)):
+        if reference:
             check_reference(reference, field)
     bench = benchmark_config(spec)
     b = spec.benchmark
@@ -70,6 +71,8 @@ def preflight(spec: JobSpec) -> None:
         check_muse_splits(data, b.forget_split, b.retain_split, b.holdout_split)
     else:
         check_splits(data, b.forget_split, b.retain_split, b.holdout_split, spec.evaluation.utility_sets)
+    if m.base and b.kind == "tofu" and not data.get("full"):
+        raise SpecError(f"field 'model.base': the target is the base fine-tuned on split 'full', which {b.source!r} lacks")
     if spec.sweep is not None and spec.sweep.search == "grid":
         for i, entry in enumerate(spec.sweep.methods):
             grid_configs(entry, f"sweep.methods[{i}]")
@@ -308,7 +311,7 @@ def base_trial_config(spec: JobSpec, run_dir: Path, run_id: str, prepared) -> di
         **provenance(),
         "model": model_config(spec, prepared.model_path, prepared.tokenizer_path),
         "training": spec.training.model_dump(), "scaling": spec.scaling.model_dump(),
-        "benchmark": benchmark_config(spec), "evaluation": evaluation_config(spec),
+        "benchmark": prepared.benchmark or benchmark_config(spec), "evaluation": evaluation_config(spec),
         "references": {"retain_stats": prepared.retain_stats, "target_model_utility": prepared.target_model_utility,
                        "alternates": prepared.alternates},
         "utility_weight": spec.sweep.utility_weight if spec.sweep else None,

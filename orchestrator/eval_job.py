@@ -71,7 +71,7 @@ def evaluate(spec: JobSpec, models: dict[str, str] | None = None, out_dir: str |
     if on_ray:
         init_ray(spec, address, out)
     run_fit = ray_fit(out) if on_ray else local_fit(out / "logs")
-    log(f"eval: {len(models) + 1 + spec.has_retain_model()} models, {'a Ray gang each' if on_ray else 'one local process each'}")
+    log(f"eval: the spec's reference models and {len(models)} more, {'a Ray gang' if on_ray else 'one local process'} each")
     prepared = prepare(spec, run_fit, log)
     rows = _evaluate_models(spec, prepared, models, run_fit, log)
     return _write_and_rank(spec, out, prepared, rows, log)
@@ -85,12 +85,13 @@ def _evaluate_models(spec: JobSpec, prepared, models: dict[str, str], run_fit, l
 
     outputs, tasks = {}, []
     for name, reference in models.items():
-        outputs[name] = evaluation_dir(spec, prepared.data_hash, reference, prepared.retain_stats) / "model.json"
+        outputs[name] = evaluation_dir(spec, prepared.data_hash, reference, prepared.retain_stats,
+                                       prepared.benchmark) / "model.json"
         if not outputs[name].exists():
             log(f"eval: evaluating {name} ({reference})")
             tokenizer = spec.model.tokenizer or reference
             retain = Path(prepared.retain_stats) if prepared.retain_stats else None
-            tasks.append(evaluation_task(spec, reference, tokenizer, retain, outputs[name]))
+            tasks.append(evaluation_task(spec, reference, tokenizer, retain, outputs[name], prepared.benchmark))
     if tasks:
         run_fit([tasks], spec.prepare.num_workers, spec.scaling.cpus_per_worker)
     rows = []

@@ -3,13 +3,18 @@
 For the embedded benchmark a tokenizer is trained locally and a small Llama is fine-tuned twice through
 the same worker loop as every trial: on everything (the **target**) and on the retain split only (the
 **retain** model, whose forget truth ratios define forget quality; for ``benchmark.kind: muse`` the
-reference for privleak and KnowMem). Each artefact is cached under a
-content hash of what determines it, so a second run reuses it. Real checkpoints are only evaluated.
+reference for privleak and KnowMem). With ``model.base`` a pretrained model is fine-tuned the same way, as
+TOFU was built: target = base + ``full``, retain = base + the retain split, the utility sets untouched; the
+base model is evaluated too (a third reference row), and the real-authors / world-facts rows it cannot
+answer are dropped for the whole run (utility_rows.py). GGUF and packaged models are converted once to
+``from_pretrained`` directories (model_sources.materialize). Each artefact is cached under a content hash
+of what determines it, so a second run reuses it. Real checkpoints are only evaluated.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +33,11 @@ class Prepared:
     tokenizer_path: str
     retain_stats: str | None  # ReferenceStats JSON of the retain model (forget truth ratios, MIA AUCs)
     target_model_utility: float | None
-    reference_rows: list[dict[str, Any]]  # evals rows for method = target / retain (epoch 0)
+    reference_rows: list[dict[str, Any]]  # evals rows for method = target / retain / base (epoch 0)
     seconds: float
     evaluation_files: dict[str, str] = field(default_factory=dict)  # method → its cached evaluation JSON
     data_hash: str = ""  # content hash of the benchmark's rows (keys every cached evaluation)
+    benchmark: dict[str, Any] | None = None  # benchmark_config with the kept utility rows (None: the spec's)
     alternates: str | None = None  # AltPO's generated alternates (JSON), when a swept method reads them
 
 
@@ -53,8 +59,9 @@ def content_hash(*parts: Any) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def benchmark_config(spec: JobSpec) -> dict[str, Any]:
-    """How workers load the benchmark: the source and the keyword arguments of data.load_benchmark."""
+def benchmark_config(spec: JobSpec, keep_rows: dict[str, list[str | int]] | None = None) -> dict[str, Any]:
+    """How workers load the benchmark: the source and the keyword arguments of data.load_benchmark.
+    ``keep_rows``: the utility rows the base model answers (prepare's choice), for every later load."""
     b = spec.benchmark
     if b.source == "embedded":
         load_args: dict[str, Any] = {"seed": spec.seed, "num_authors": b.num_authors,
@@ -63,10 +70,13 @@ def benchmark_config(spec: JobSpec) -> dict[str, Any]:
         load_args = {}
     else:  # a directory or hub dataset: the splits this run reads (TOFU's retain metrics use retain_perturbed)
         utility = list(UTILITY_SPLITS) if spec.evaluation.utility_sets else []
-        local = ["full"] if Path(b.source).is_dir() else []  # optional there; on the hub 4,000 rows nobody needs
+        # optional in a directory; on the hub 4,000 rows nobody needs, unless model.base is fine-tuned on them
+        local = ["full"] if Path(b.source).is_dir() or spec.model.base else []
         load_args = {"splits": [b.forget_split, b.retain_split, b.holdout_split, RETAIN_PERTURBED, *utility, *local]}
     if b.kind == "muse":  # only for MUSE, so TOFU's evaluation cache keys stay what they were
         load_args["kind"] = "muse"
+    if keep_rows:
+        load_args["keep_rows"] = keep_rows
     return {"source": b.source, "kind": b.kind, "forget_axis": spec.forget_axis(), "generator": load_args,
             "forget_split": b.forget_split,
             "retain_split": b.retain_split, "holdout_split": b.holdout_split}
@@ -82,9 +92,10 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
 
     ``run_fit(gangs, num_workers, cpus)`` runs each gang's task list through the worker loop, the gangs
     concurrently (TorchTrainers in a sweep). The retain and target fine-tunes are independent, so they
-    run side by side on one worker each; the two evaluations then share one sharded gang.
+    run side by side on one worker each; the evaluations then share one sharded gang.
     """
     from orchestrator.data import load_benchmark
+    from orchestrator.model_sources import materialize
 
     start = time.perf_counter()
     cache = Path(spec.prepare.cache_dir).expanduser().resolve()
@@ -92,38 +103,67 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
     data = load_benchmark(bench["source"], **bench["generator"])
     data_hash = content_hash({name: rows for name, rows in sorted(data.items())})
     finetunes: list[dict[str, Any]] = []
-    if spec.model.target == "embedded":
+    m, base_path = spec.model, None
+    if m.base:
+        base_path = materialize(m.base, cache, log)
+        tokenizer_path = materialize(m.tokenizer, cache, log) if m.tokenizer else base_path
+        if spec.benchmark.kind == "tofu" and spec.evaluation.utility_sets:
+            bench = benchmark_config(spec, known_utility_rows(spec, data, data_hash, base_path, tokenizer_path,
+                                                              cache, log))
+        paths = _finetunes(spec, finetune_key(spec, data_hash, base_path, tokenizer_path), base_path,
+                           tokenizer_path, bench, cache, finetunes, log)
+        model_path, retain_path = paths["target"], paths["retain"]
+    elif m.uses_embedded_model:
         model_path, tokenizer_path, retain_path = _embedded_models(spec, data, data_hash, cache, finetunes, log)
     else:
-        model_path, retain_path = spec.model.target, spec.model.retain
-        tokenizer_path = spec.model.tokenizer or spec.model.target
+        model_path = materialize(m.target, cache, log)
+        retain_path = materialize(m.retain, cache, log) if m.retain else None
+        tokenizer_path = materialize(m.tokenizer, cache, log) if m.tokenizer else model_path
 
-    eval_dir = evaluation_dir(spec, data_hash, model_path, retain_path)
     if finetunes:
         run_fit([[task] for task in finetunes], 1, spec.scaling.cpus_per_worker)
-    tasks: list[dict[str, Any]] = []
-    retain_json = eval_dir / "retain.json" if retain_path else None
-    if retain_json and not retain_json.exists():
-        log(f"prepare: evaluating the retain model {retain_path}")
-        tasks.append(evaluation_task(spec, retain_path, tokenizer_path, None, retain_json))
-    target_json = eval_dir / "target.json"
-    if not target_json.exists():
-        log(f"prepare: evaluating the target model {model_path}")
-        tasks.append(evaluation_task(spec, model_path, tokenizer_path, retain_json, target_json))
-    alternates = alternates_file(spec, data, data_hash, model_path, cache)
+    eval_dir = evaluation_dir(spec, data_hash, model_path, retain_path, bench, base_path)
+    alternates, extra = alternates_file(spec, data, data_hash, model_path, cache), []
     if alternates and not alternates.exists():
         log(f"prepare: sampling AltPO's alternate answers from the target for the {bench['forget_split']} questions")
-        tasks.append(dict(evaluation_task(spec, model_path, tokenizer_path, None, target_json), job="alternates",
-                          alternates_out=str(alternates)))
+        extra.append(dict(evaluation_task(spec, model_path, tokenizer_path, None, eval_dir / "target.json", bench),
+                          job="alternates", alternates_out=str(alternates)))
+    files = _reference_evaluations(spec, eval_dir, tokenizer_path, bench, run_fit, log,
+                                   {"target": model_path, "retain": retain_path, "base": base_path}, extra)
+    evals = {name: json.loads(Path(path).read_text())["metrics"] for name, path in files.items()}
+    rows = reference_rows(evals["target"], evals.get("retain"), evals.get("base"))
+    return Prepared(model_path, tokenizer_path, files.get("retain"), rows[0].get("model_utility"), rows,
+                    time.perf_counter() - start, files, data_hash, bench, str(alternates) if alternates else None)
+
+
+def evaluation_dir(spec: JobSpec, data_hash: str, model: str, retain: str | None,
+                   bench: dict[str, Any] | None = None, base: str | None = None) -> Path:
+    """Where the cached evaluation of ``model`` (against ``retain``) lives: keyed by the data (and the rows
+    kept of it: ``bench``, default the spec's), the models' files, the evaluation settings and the prompt
+    template."""
+    key = content_hash(data_hash, model_fingerprint(model), model_fingerprint(retain), evaluation_config(spec),
+                       bench or benchmark_config(spec), spec.model.prompt_template,
+                       *([model_fingerprint(base)] if base else []))
+    return Path(spec.prepare.cache_dir).expanduser().resolve() / "evals" / key
+
+
+def _reference_evaluations(spec, eval_dir: Path, tokenizer_path: str, bench, run_fit, log,
+                           models: dict[str, str | None], extra_tasks: list[dict[str, Any]]) -> dict[str, str]:
+    """Each reference model (name → path or None) evaluated once in one sharded gang and cached as
+    ``<eval_dir>/<name>.json``; returns name → that file. The retain model's statistics are every other
+    model's forget-quality reference, so it comes first. ``extra_tasks`` share the gang."""
+    retain_json = eval_dir / "retain.json" if models.get("retain") else None
+    tasks: list[dict[str, Any]] = []
+    for name in ("retain", "target", "base"):
+        out = eval_dir / f"{name}.json"
+        if models.get(name) and not out.exists():
+            log(f"prepare: evaluating the {name} model {models[name]}")
+            tasks.append(evaluation_task(spec, models[name], tokenizer_path, None if name == "retain" else retain_json,
+                                         out, bench))
+    tasks += extra_tasks
     if tasks:
         run_fit([tasks], spec.prepare.num_workers, spec.scaling.cpus_per_worker)
-    target_eval = json.loads(target_json.read_text())
-    retain_eval = json.loads(retain_json.read_text()) if retain_json else None
-    rows = reference_rows(target_eval["metrics"], retain_eval["metrics"] if retain_eval else None)
-    files = {"target": str(target_json)} | ({"retain": str(retain_json)} if retain_json else {})
-    return Prepared(model_path, tokenizer_path, str(retain_json) if retain_json else None,
-                    rows[0].get("model_utility"), rows, time.perf_counter() - start, files, data_hash,
-                    str(alternates) if alternates else None)
+    return {name: str(eval_dir / f"{name}.json") for name in ("target", "retain", "base") if models.get(name)}
 
 
 def alternates_file(spec: JobSpec, data, data_hash: str, model_path: str, cache: Path) -> Path | None:
@@ -139,12 +179,33 @@ def alternates_file(spec: JobSpec, data, data_hash: str, model_path: str, cache:
     return cache / "alternates" / f"{key}.json"
 
 
-def evaluation_dir(spec: JobSpec, data_hash: str, model: str, retain: str | None) -> Path:
-    """Where the cached evaluation of ``model`` (against ``retain``) lives: keyed by the data, both models'
-    files, the evaluation settings and the prompt template."""
-    key = content_hash(data_hash, model_fingerprint(model), model_fingerprint(retain), evaluation_config(spec),
-                       benchmark_config(spec), spec.model.prompt_template)
-    return Path(spec.prepare.cache_dir).expanduser().resolve() / "evals" / key
+def known_utility_rows(spec: JobSpec, data, data_hash: str, base_path: str, tokenizer_path: str, cache: Path,
+                       log: Callable[[str], None]) -> dict[str, list[str | int]]:
+    """Ids of the real-authors / world-facts rows the base model answers (utility_rows.py: its greedy answer
+    holds the fact's distinguishing words), cached like the models; logs how many of each split are kept."""
+    from orchestrator.utility_rows import greedy_answers, known_row_ids
+
+    splits = [name for name in UTILITY_SPLITS if data.get(name)]
+    budget = spec.evaluation.max_new_tokens
+    key = content_hash(data_hash, model_fingerprint(base_path), tokenizer_path, spec.model.prompt_template, budget,
+                       "distinguishing-words")
+    out = cache / "utility_rows" / f"{key}.json"
+    if not out.exists():
+        log(f"prepare: asking the base model {', '.join(splits)} to keep the rows it answers")
+        rows = {name: data[name] for name in splits}
+        questions = [row["question"] for name in splits for row in rows[name]]
+        texts = iter(greedy_answers(base_path, tokenizer_path, questions, spec.model.prompt_template, budget,
+                                    spec.evaluation.batch_size, spec.model.trust_remote_code))
+        kept = {name: known_row_ids(rows[name], [next(texts) for _ in rows[name]]) for name in splits}
+        _atomic_file(out, json.dumps({"keep_rows": kept, "sizes": {name: len(rows[name]) for name in splits}}))
+    saved = json.loads(out.read_text())
+    for name in splits:
+        log(f"prepare: {name}: the base model answers {len(saved['keep_rows'][name])} of {saved['sizes'][name]} "
+            "rows; utility is measured on those")
+        if not saved["keep_rows"][name]:
+            raise ValueError(f"prepare: the base model {spec.model.base} answers none of the {name} rows; "
+                             "its utility on them cannot be measured")
+    return saved["keep_rows"]
 
 
 def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str, str]:
@@ -158,8 +219,7 @@ def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str
         log(f"prepare: training a {size.vocab_size}-token BPE tokenizer")
         _atomic_dir(tok_dir, lambda tmp: train_tokenizer(benchmark_texts(data, spec.model.prompt_template),
                                                          size.vocab_size).save_pretrained(tmp))
-    model_key = content_hash(data_hash, size.model_dump(), spec.prepare.model_dump(exclude={"cache_dir", "num_workers"}),
-                             spec.model.prompt_template, spec.training.max_length, spec.seed)
+    model_key = finetune_key(spec, data_hash, size.model_dump())
     init_dir = cache / "models" / model_key / "init"
     if not (init_dir / "config.json").exists():
         from transformers import AutoTokenizer
@@ -170,40 +230,62 @@ def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str
         model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         _atomic_dir(init_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    paths = _finetunes(spec, model_key, str(init_dir), str(tok_dir), benchmark_config(spec), cache, tasks, log)
+    return paths["target"], str(tok_dir), paths["retain"]
+
+
+def finetune_key(spec: JobSpec, *source: Any) -> str:
+    """Cache key of the fine-tuned reference models: what the initial model is made from (``source``) and
+    every setting of the fine-tune."""
+    autocast = [spec.training.autocast] if spec.training.autocast else []  # keys without it stay as they were
+    return content_hash(*source, spec.prepare.model_dump(exclude={"cache_dir", "num_workers"}),
+                        spec.model.prompt_template, spec.training.max_length, spec.seed, *autocast)
+
+
+def _finetunes(spec: JobSpec, model_key: str, init_path: str, tokenizer_path: str, bench: dict[str, Any],
+               cache: Path, tasks: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, str]:
+    """Where the target and retain fine-tunes of ``init_path`` are cached (under ``model_key``); a
+    fine-tuning task is appended for each one not there yet."""
     paths = {}
     for name, splits in reference_training_splits(spec).items():
         out = cache / "models" / model_key / name
         if not (out / "config.json").exists():
             log(f"prepare: fine-tuning the {name} model on {'+'.join(splits)} for {spec.prepare.epochs} epochs")
-            tasks.append(finetune_config(spec, str(init_dir), str(tok_dir), splits, str(out)))
+            tasks.append(finetune_config(spec, init_path, tokenizer_path, splits, str(out), bench))
         else:
             log(f"prepare: reusing the cached {name} model {out}")
         paths[name] = str(out)
-    return paths["target"], str(tok_dir), paths["retain"]
+    return paths
 
 
 def reference_training_splits(spec: JobSpec) -> dict[str, list[str]]:
-    """What the embedded retain and target models are fine-tuned on. MUSE: the text documents (plain LM
-    sequences) plus the KnowMem questions of the same side, so KnowMem measures knowledge the model has."""
+    """What the retain and target models are fine-tuned on. MUSE: the text documents (plain LM sequences)
+    plus the KnowMem questions of the same side, so KnowMem measures knowledge the model has. TOFU: the
+    fictitious authors, and for the embedded model (which knows nothing) the utility sets too; a pretrained
+    base is not trained on them, so they measure what it already knew."""
     b = spec.benchmark
     if b.kind == "muse":
         return {"retain": [b.retain_split, "knowmem_retain"],
                 "target": [b.forget_split, b.retain_split, "knowmem_forget", "knowmem_retain"]}
+    if spec.model.base:
+        return {"retain": [b.retain_split], "target": ["full"]}
     return {"retain": [b.retain_split, "utility_train"], "target": ["full", "utility_train"]}
 
 
-def evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path) -> dict[str, Any]:
+def evaluation_task(spec, model_path, tokenizer_path, retain_json: Path | None, out: Path,
+                    bench: dict[str, Any] | None = None) -> dict[str, Any]:
     """Worker config for evaluating a model once (the worker's ``evaluate`` job), against the retain model's
-    statistics in ``retain_json`` (None: no forget quality)."""
-    config = finetune_config(spec, model_path, tokenizer_path, [], None)
+    statistics in ``retain_json`` (None: no forget quality); ``bench``: how it loads the benchmark."""
+    config = finetune_config(spec, model_path, tokenizer_path, [], None, bench)
     config.update(job="evaluate", eval_out=str(out), label="eval",
                   references={"retain_stats": str(retain_json) if retain_json else None})
     return config
 
 
 def finetune_config(spec: JobSpec, model_path: str, tokenizer_path: str, splits: list[str],
-                    save_to: str | None) -> dict[str, Any]:
-    """Worker config for fine-tuning a reference model on ``splits`` (the worker's ``finetune`` job)."""
+                    save_to: str | None, bench: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Worker config for fine-tuning a reference model on ``splits`` (the worker's ``finetune`` job);
+    ``bench``: how it loads the benchmark (default: ``benchmark_config(spec)``)."""
     p = spec.prepare
     training = spec.training.model_dump() | {"lr": p.lr, "epochs": p.epochs, "batch_size": p.batch_size,
                                              "grad_accum": 1, "weight_decay": 0.0, "warmup_epochs": 0.0,
@@ -213,7 +295,7 @@ def finetune_config(spec: JobSpec, model_path: str, tokenizer_path: str, splits:
         "paraphrase_augmentation": p.paraphrase_augmentation, "label": Path(save_to).name if save_to else "eval",
         "model": model_config(spec, model_path, tokenizer_path), "training": training,
         "scaling": spec.scaling.model_dump() | {"zero_stage": 0 if spec.scaling.zero_stage < 3 else 3},
-        "benchmark": benchmark_config(spec), "evaluation": evaluation_config(spec), "references": {},
+        "benchmark": bench or benchmark_config(spec), "evaluation": evaluation_config(spec), "references": {},
         "threads_per_worker": spec.scaling.threads_per_worker,
     }
 
@@ -229,13 +311,17 @@ def model_config(spec: JobSpec, model_path: str, tokenizer_path: str) -> dict[st
 RETAIN_IS_THE_REFERENCE = "the retain model is the reference this metric compares with"
 
 
-def reference_rows(target: dict[str, Any], retain: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Evals rows for the two reference points; utility loss is relative to the target."""
+def reference_rows(target: dict[str, Any], retain: dict[str, Any] | None,
+                   base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Evals rows for the reference points (results.REFERENCE_METHODS); utility loss is relative to the
+    target. The base model (``model.base``) is measured against the retain model like the target."""
     target_mu = target.get("model_utility")
     rows = [evaluated_row(target, "target", "target", target_mu)]
     if retain is not None:
         rows.append(evaluated_row(dict(retain, forget_quality=None, privleak=None), "retain", "retain", target_mu,
                                   {"forget_quality": RETAIN_IS_THE_REFERENCE, "privleak": RETAIN_IS_THE_REFERENCE}))
+    if base is not None:
+        rows.append(evaluated_row(base, "base", "base", target_mu))
     return rows
 
 
@@ -254,6 +340,13 @@ def evaluated_row(metrics: dict[str, Any], method: str, trial_id: str, target_mu
                                else "the target's model utility was not measured")
     row["not_measured"] = json.dumps(why, sort_keys=True)
     return row
+
+
+def _atomic_file(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _atomic_dir(directory: Path, write: Callable[[Path], Any]) -> None:

@@ -28,7 +28,9 @@ CURVES_FILE = "learning_curves.png"
 PROBES_FILE = "robustness.png"
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
-_REFERENCE_STYLE = {"target": dict(marker="*", color="black", s=180), "retain": dict(marker="D", color="tab:gray", s=70)}
+# One per results.REFERENCE_METHODS (a test keeps the two in step).
+_REFERENCE_STYLE = {"target": dict(marker="*", color="black", s=180), "retain": dict(marker="D", color="tab:gray", s=70),
+                    "base": dict(marker="P", color="tab:brown", s=90)}
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "p", "*")
 
 HOW_TO_READ = (
@@ -44,7 +46,8 @@ HOW_TO_READ = (
     "**Front 0** is the Pareto front: no other trial has both higher FQ and lower utility loss. Within a front, "
     "higher FQ ranks first, then lower cost (worker-seconds = (train + eval seconds) x workers, summed over the "
     "trial's evaluations). The method ranking takes each method's best trial.",
-    "`target` (before unlearning) and `retain` rows are reference points, marked `ref`, never ranked.",
+    "`target` (before unlearning), `retain` and, when the run fine-tuned a pretrained model, `base` (that model "
+    "before fine-tuning) rows are reference points, marked `ref`, never ranked.",
 )
 
 
@@ -147,7 +150,8 @@ def table_notes(ranked: pa.Table) -> list[str]:
     if any(row.get("over_ceiling") for row in rows):
         notes.append("*: no epoch within the utility-loss ceiling; the least-damaging epoch is shown")
     if any(row.get("reference") for row in rows):
-        notes.append("ref: reference model (target = before unlearning, retain = never saw the forget set), not ranked")
+        notes.append("ref: reference model (target = before unlearning, retain = never saw the forget set, "
+                     "base = the pretrained model before fine-tuning), not ranked")
     return notes
 
 
@@ -279,7 +283,7 @@ def plot_learning_curves(evals: pa.Table, path: str | os.PathLike) -> Path:
 
 
 def _draw_reference_levels(ax_fq: Any, ax_mu: Any, references: dict[str, dict[str, Any]], metric: _ForgetMetric) -> None:
-    """Horizontal lines at the target's and retain model's values, the two ends of the trade-off."""
+    """Horizontal lines at the reference models' values (target and retain: the two ends of the trade-off)."""
     for method, row in references.items():
         colour = _REFERENCE_STYLE[method]["color"]
         for ax, column in ((ax_fq, metric.column), (ax_mu, "model_utility")):

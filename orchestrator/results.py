@@ -29,9 +29,10 @@ COST_COLUMNS = (
     ("grad_accum", pa.int64()), ("effective_batch", pa.int64()),
 )
 STATUSES = ("running", "ok", "diverged", "failed", "stopped")
-# ``method`` of the two reference rows every run has (epoch 0): the model before unlearning and the one
-# never trained on the forget set. They are shown beside the trials, never ranked among them.
-REFERENCE_METHODS = ("target", "retain")
+# ``method`` of the reference rows of a run (epoch 0): the model before unlearning, the one never trained on
+# the forget set, and (with ``model.base``) the pretrained model both were fine-tuned from. They are shown
+# beside the trials, never ranked among them.
+REFERENCE_METHODS = ("target", "retain", "base")
 
 EVALS_SCHEMA = pa.schema(
     [

@@ -63,11 +63,17 @@ class EmbeddedModelSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    target: str = "embedded"  # "embedded" (built and fine-tuned by prepare) or a hub id / local path
-    retain: str | None = None  # retain model id/path for real benchmarks; embedded: trained by prepare
-    tokenizer: str | None = None  # defaults to the target's
+    # Each reference: a hub id, a local from_pretrained directory, a .gguf file, or a packaged model name
+    # (model_sources.PACKAGED_MODELS, e.g. smollm2-135m-instruct); GGUF sources are converted once by prepare.
+    target: str = "embedded"  # "embedded" (built and fine-tuned by prepare) or a model reference
+    retain: str | None = None  # retain model for real benchmarks; embedded or base: trained by prepare
+    tokenizer: str | None = None  # defaults to the target's (the base's)
+    # A pretrained model prepare fine-tunes, as TOFU was built: target = base + the benchmark's `full`
+    # split, retain = base + the retain split; the utility sets are not trained on. Excludes target/retain.
+    base: str | None = None
     # A name in templates.PROMPT_TEMPLATES or a format string with {question}; must be the one the target
-    # was fine-tuned with. Default: "embedded" for the embedded target, "qa" (TOFU's phi format) otherwise.
+    # was fine-tuned with. Default: "embedded" for the embedded target, a packaged base's chat format, else
+    # "qa" (TOFU's phi format).
     prompt_template: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -75,15 +81,28 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _template(self) -> "ModelSpec":
+        from orchestrator.model_sources import PACKAGED_MODELS
         from orchestrator.templates import resolve_template
 
+        if self.base is not None:
+            for field in ("target", "retain"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{field}: model.base is fine-tuned into the target and retain models by "
+                                     f"prepare; leave model.{field} out")
         if self.prompt_template is None:
-            object.__setattr__(self, "prompt_template", "embedded" if self.target == "embedded" else "qa")
+            packaged = PACKAGED_MODELS.get(self.base or "")
+            default = packaged.prompt_template if packaged else "embedded" if self.uses_embedded_model else "qa"
+            object.__setattr__(self, "prompt_template", default)
         try:
             resolve_template(self.prompt_template)
         except ValueError as err:
             raise ValueError(f"prompt_template: {err}") from None
         return self
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        """The small Llama prepare builds from a config (no base, target "embedded")."""
+        return self.base is None and self.target == "embedded"
 
 
 class PrepareSpec(_Strict):
@@ -115,6 +134,10 @@ class TrainingSpec(_Strict):
     max_length: int = Field(128, ge=8)
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
+    # Training forwards (a method's policy and reference forwards, prepare's fine-tunes) under
+    # torch.autocast in bfloat16; weights, gradients and optimizer states stay float32 (model.dtype) and
+    # evaluation runs in model.dtype.
+    autocast: Literal["bfloat16"] | None = None
 
 
 class ScalingSpec(_Strict):
@@ -242,7 +265,7 @@ class JobSpec(_Strict):
         A model or data reference counts as a path when it looks like one or exists there; else it stays a
         hub id (or a name such as ``embedded``)."""
         for section, field in (("benchmark", "source"), ("model", "target"), ("model", "retain"),
-                               ("model", "tokenizer")):
+                               ("model", "tokenizer"), ("model", "base")):
             owner = getattr(self, section)
             value = getattr(owner, field)
             if value and value != "embedded" and looks_like_path(value):
@@ -252,8 +275,8 @@ class JobSpec(_Strict):
             object.__setattr__(self, "run_dir", absolute(self.run_dir))
 
     def has_retain_model(self) -> bool:
-        """A retain model exists: prepare trains one (embedded target) or the spec names one."""
-        return self.model.target == "embedded" or self.model.retain is not None
+        """A retain model exists: prepare trains one (embedded target, or model.base) or the spec names one."""
+        return self.model.target == "embedded" or self.model.base is not None or self.model.retain is not None
 
     def forget_axis(self) -> str:
         """What the sweep's score and the ranking take as forgetting (scores.forget_axis)."""

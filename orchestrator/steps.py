@@ -6,6 +6,7 @@ runs under Ray Train, torchrun and unit tests.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,22 +49,32 @@ def warmup_then_linear_decay(total_steps: int, warmup_steps: int) -> Callable[[i
     return factor
 
 
-def forward(module, batch: dict[str, torch.Tensor], hidden_layer: int | None) -> ModelOutput:
-    out = module(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        output_hidden_states=hidden_layer is not None, use_cache=False,
-    )
+def forward(module, batch: dict[str, torch.Tensor], hidden_layer: int | None,
+            autocast: torch.dtype | None = None) -> ModelOutput:
+    """One forward; with ``autocast`` (bfloat16) the module's matmuls run in that dtype under torch.autocast
+    while its weights stay as they are (float32 masters), and the logits and hidden state are handed to the
+    method in float32, so every loss is computed at full precision."""
+    context = torch.autocast(batch["input_ids"].device.type, dtype=autocast) if autocast else nullcontext()
+    with context:
+        out = module(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            output_hidden_states=hidden_layer is not None, use_cache=False,
+        )
     hidden = out.hidden_states[hidden_layer] if hidden_layer is not None else None
+    if autocast:
+        hidden = hidden.float() if hidden is not None else None
+        return ModelOutput(out.logits.float(), batch["labels"], batch["attention_mask"], hidden)
     return ModelOutput(out.logits, batch["labels"], batch["attention_mask"], hidden)
 
 
-def method_inputs(engine, reference, method: UnlearningMethod, batches: dict[str, dict]) -> MethodInputs:
+def method_inputs(engine, reference, method: UnlearningMethod, batches: dict[str, dict],
+                  autocast: torch.dtype | None = None) -> MethodInputs:
     layer = method.hidden_layer
-    policy = {split: forward(engine, batches[split], layer) for split in method.splits}
+    policy = {split: forward(engine, batches[split], layer, autocast) for split in method.splits}
     ref = {}
     if reference is not None:
         with torch.no_grad():
-            ref = {split: forward(reference, batches[split], layer) for split in method.reference_splits}
+            ref = {split: forward(reference, batches[split], layer, autocast) for split in method.reference_splits}
     return MethodInputs(policy=policy, reference=ref)
 
 
@@ -122,7 +133,9 @@ def all_ranks_finite(values, device: torch.device) -> bool:
     return finite
 
 
-def run_epoch(engine, reference, method, loader, parameters, device, epoch: int = 1) -> EpochStats:
+def run_epoch(engine, reference, method, loader, parameters, device, epoch: int = 1,
+              autocast: torch.dtype | None = None) -> EpochStats:
+    """One pass over ``loader``; ``autocast``: the dtype of the training forwards (None: the model's)."""
     stats = EpochStats()
     start = time.perf_counter()
     sums: dict[str, float] = {}
@@ -130,7 +143,7 @@ def run_epoch(engine, reference, method, loader, parameters, device, epoch: int 
     engine.train()
     for batches in loader:
         batches = to_device(batches, device)
-        objectives = method.objectives(method_inputs(engine, reference, method, batches))
+        objectives = method.objectives(method_inputs(engine, reference, method, batches, autocast))
         if not all_ranks_finite(objectives.values(), device):
             stats.diverged = True
             break

@@ -26,6 +26,16 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
+    # SmolLM2-Instruct's ChatML turns (the answer ends in its EOS, <|im_end|>). Its chat template inserts a
+    # default system turn when none is given; measured on SmolLM2-135M-Instruct (embedded benchmark, 35
+    # authors × 5 questions, greedy, 48 new tokens), leaving it out costs 2 of 40 real-authors rows the base
+    # model answers (18 vs 20; world facts 32 vs 32 of 40) and saves 21 of 56 tokens per training sequence
+    # (35 vs 56 on average), so "smollm2" goes without; "smollm2_system" is the chat template's own rendering.
+    "smollm2": "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+    "smollm2_system": (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    ),
 }
 
 

@@ -68,6 +68,7 @@ class Loop:
     dataset: Any
     sampler: Any
     loader: Any
+    autocast: torch.dtype | None = None  # training.autocast: the dtype of the training forwards
 
 
 # ---------------------------------------------------------------- shared steps
@@ -144,6 +145,7 @@ def build_loop(config: dict[str, Any], ctx: WorkerContext, method: UnlearningMet
 
     from orchestrator.data.training import UnlearningDataset, collate_splits
     from orchestrator.encoding import pad_id
+    from orchestrator.models import DTYPES
 
     model_cfg, train_cfg, seed = config["model"], config["training"], int(config["seed"])
     dataset = UnlearningDataset(rows, method.splits, tokenizer, model_cfg["prompt_template"], train_cfg["max_length"], seed)
@@ -154,7 +156,8 @@ def build_loop(config: dict[str, Any], ctx: WorkerContext, method: UnlearningMet
     steps_per_epoch = math.ceil(len(loader) / train_cfg["grad_accum"])
     engine, parameters = build_engine(module, parameters, train_cfg, config["scaling"], model_cfg["dtype"],
                                       ctx.world_size, ctx.device, steps_per_epoch)
-    return Loop(engine, parameters, dataset, sampler, loader)
+    autocast = DTYPES[train_cfg["autocast"]] if train_cfg.get("autocast") else None
+    return Loop(engine, parameters, dataset, sampler, loader, autocast)
 
 
 def train_epochs(loop: Loop, method: UnlearningMethod, reference, ctx: WorkerContext, epochs: int,
@@ -164,7 +167,7 @@ def train_epochs(loop: Loop, method: UnlearningMethod, reference, ctx: WorkerCon
         loop.sampler.set_epoch(epoch)
         loop.dataset.set_epoch(epoch)  # template answers re-drawn per epoch, reproducibly
         stats = gather_epoch(run_epoch(loop.engine, reference, method, loop.loader, loop.parameters, ctx.device,
-                                       epoch), ctx.world_size)
+                                       epoch, loop.autocast), ctx.world_size)
         yield epoch, stats
         if stats.diverged:
             return

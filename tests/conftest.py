@@ -83,3 +83,9 @@ def deepspeed_reads(config: dict, world_size: int, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(ds_config.dist, "get_rank", lambda *args, **kwargs: 0)
     return ds_config.DeepSpeedConfig(config, mpu=DataParallel())
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """One prepare cache for the tests on the real SmolLM2-135M-Instruct: its GGUF is converted once."""
+    return tmp_path_factory.mktemp("smollm2-cache")

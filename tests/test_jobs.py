@@ -231,3 +231,14 @@ def test_gpu_job_passes_unlearn_validate_against_the_hub(name, monkeypatch, caps
     # And the same check refuses a model the hub does not have, naming the field (exit status 2).
     assert cli.main(["validate", path, "--set", "model.retain=open-unlearning/no_such_retain90"]) == 2
     assert "field 'model.retain'" in capsys.readouterr().err
+
+
+def test_smollm2_job_fine_tunes_the_packaged_base_and_sweeps_every_method():
+    from orchestrator.uld import assistant_layer_count
+
+    spec = load_job(JOBS_DIR / "smollm2_tofu.yaml")
+    assert spec.has_retain_model() and spec.forget_axis() == "forget_quality"  # prepare trains the retain model
+    assert {entry.name for entry in spec.sweep.methods} == set(method_names())
+    uld = next(entry for entry in spec.sweep.methods if entry.name == "uld")
+    assert assistant_layer_count(30, uld.params.get("assistant_layers", 0)) == 7  # a quarter of SmolLM2's 30 layers
+    assert gang_fits(spec, 2, 0) == 2  # two one-worker trials side by side on 2 CPUs

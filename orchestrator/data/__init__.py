@@ -8,7 +8,7 @@ Nothing here imports torch or methods/ except ``training``.
 """
 from orchestrator.data.embedded import FORGET_PERCENTS, generate_benchmark, generate_corpus, split_size
 from orchestrator.data.muse import KNOWMEM_EXAMPLE_SPLITS, MUSE_SPLITS, VERBMEM_SPLIT, load_muse
-from orchestrator.data.sources import BENCHMARK_KINDS, load_benchmark
+from orchestrator.data.sources import BENCHMARK_KINDS, keep_only, load_benchmark, row_id
 from orchestrator.data.tofu import TOFU_CONFIGS, load_directory, load_hub, read_split_file
 from orchestrator.data.validation import (check_muse_splits, check_splits, is_document, validate_split,
                                           validate_text_split)
@@ -16,5 +16,5 @@ from orchestrator.errors import DataError
 
 __all__ = ["BENCHMARK_KINDS", "DataError", "FORGET_PERCENTS", "KNOWMEM_EXAMPLE_SPLITS", "MUSE_SPLITS", "TOFU_CONFIGS",
            "VERBMEM_SPLIT", "check_muse_splits", "check_splits", "generate_benchmark", "generate_corpus", "is_document",
-           "load_benchmark", "load_directory", "load_hub", "load_muse", "read_split_file", "split_size",
-           "validate_split", "validate_text_split"]
+           "keep_only", "load_benchmark", "load_directory", "load_hub", "load_muse", "read_split_file", "row_id",
+           "split_size", "validate_split", "validate_text_split"]
