@@ -132,12 +132,15 @@ def test_every_metric_column_is_filled(setup):
     # C(10, 5) = 252 orders that separate them (2): 1/126. (The model's own ratios would give p = 1.)
     own_ratios = own.reference.forget_truth_ratios
     above = [max(own_ratios) + 1.0 + i for i in range(len(own_ratios))]
-    result = _run(model, tokenizer, data, reference=ReferenceStats(above, dict(own.reference.mia_auc)))
+    # Its losses one nat above the model's on every example: every Reference-MIA difference is −1, all ties, AUC ½.
+    losses = {role: [v + 1.0 for v in values] for role, values in own.reference.mia_losses.items()}
+    result = _run(model, tokenizer, data, reference=ReferenceStats(above, dict(own.reference.mia_auc), losses))
     assert set(result.metrics) == set(METRIC_COLUMNS)
     missing = [name for name, value in result.metrics.items() if value is None or not math.isfinite(value)]
     assert missing == []
     assert len(own_ratios) == 5 and result.metrics["forget_quality"] == pytest.approx(1 / 126, rel=1e-9)
     assert result.metrics["privleak"] == pytest.approx(0.0, abs=1e-9)
+    assert result.metrics["mia_reference_auc"] == pytest.approx(0.5)
     assert result.metrics["utility_loss"] == pytest.approx(1 - result.metrics["model_utility"] / 0.5)
     assert len(result.reference.forget_truth_ratios) == len(data[SPLITS["forget"]])
     assert set(result.reference.mia_auc) == {"loss", "zlib", "mink", "minkpp", "gradnorm"}
