@@ -133,20 +133,13 @@ def build_model_dir(spec, size: CheckSize, directory: Path, dtype: str) -> Path:
 
 def trial_config(spec, model_dir: Path, run_dir: Path, method: str, params: dict[str, Any], lr: float,
                  batch_size: int) -> dict[str, Any]:
-    """What api.base_trial_config + a sweep trial give the worker (same keys; a test holds them equal),
-    with no retain model: forget quality stays empty, every other metric is computed."""
-    from orchestrator.provenance import provenance
-    from orchestrator.prepare import benchmark_config, evaluation_config, model_config
+    """What a sweep trial gives the worker (api.base_trial_config, one home for its keys), with no retain
+    model: forget quality stays empty, every other metric is computed."""
+    from orchestrator.api import base_trial_config
+    from orchestrator.prepare import Prepared
 
-    base = {
-        "run_dir": str(run_dir), "run_id": "gpu-check", "seed": spec.seed, "spec_hash": spec.spec_hash(),
-        **provenance(),
-        "model": model_config(spec, str(model_dir), str(model_dir)),
-        "training": spec.training.model_dump(), "scaling": spec.scaling.model_dump(),
-        "benchmark": benchmark_config(spec), "evaluation": evaluation_config(spec),
-        "references": {"retain_stats": None, "target_model_utility": None},
-        "utility_weight": spec.sweep.utility_weight, "threads_per_worker": spec.scaling.threads_per_worker,
-    }
+    prepared = Prepared(str(model_dir), str(model_dir), None, None, [], 0.0)
+    base = base_trial_config(spec, run_dir, "gpu-check", prepared)
     return dict(base, job="unlearn", method=method, params=params, trial_id=f"{method}_check",
                 trial_params=params, training=dict(base["training"], lr=lr, batch_size=batch_size))
 

@@ -11,7 +11,7 @@ import torch
 
 from methods.base import MethodInputs, UnlearningMethod
 from orchestrator.spec import parse_spec
-from tests.conftest import tiny_spec
+from tests.conftest import TINY_SPEC, tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +108,8 @@ def test_lora_and_gradient_checkpointing(ray_local, tiny_cache, tmp_path):
             training={"epochs": 1, "batch_size": 4, "max_length": 64, "warmup_epochs": 0, "lr": 1e-3,
                       "gradient_checkpointing": True, "lora": {"rank": 4, "alpha": 8}},
             scaling={"num_workers": 1, "cpus_per_worker": 0.99, "zero_stage": 2},
+            # GradNorm's MIA runs forwards with grad in train mode too; this test counts training steps only.
+            evaluation=dict(TINY_SPEC["evaluation"], gradnorm=False),
             sweep={"methods": [{"name": "npo_checkpoint_probe", "params": {"probe_file": str(probe)},
                                 "space": {"lr": {"grid": [1e-3]}}}]},
         ))

@@ -151,10 +151,12 @@ def _run(ctx, data, forget_split, retain_split, holdout_split, retain_reference,
         for indices, real in shard_batches(len(split.rows), rank, world_size, ctx.config.batch_size):
             for index, sequences in zip(indices[:real], score_batch(ctx, split, indices)[:real]):
                 samples += _rows(split.name, index, example_values(ctx, split, sequences))
-    if ctx.config.gradnorm:  # a forward and backward per example; independent per rank (weights are whole)
+    if ctx.config.gradnorm:  # a forward and backward per example; equal counts per rank, as everywhere else
         for split in (s for s in qa_splits if s.mia):
-            for index in range(rank, len(split.rows), world_size):
-                samples += _rows(split.name, index, {"mia_gradnorm": gradient_norm(ctx, split, index)})
+            for indices, real in shard_batches(len(split.rows), rank, world_size, 1):
+                value = gradient_norm(ctx, split, indices[0])
+                if real:
+                    samples += _rows(split.name, indices[0], {"mia_gradnorm": value})
     budgets = [(split.max_new_tokens, split.size) for split in generation_splits]
     for max_new_tokens, members in pack_generation_batches(budgets, rank, world_size, ctx.config.batch_size):
         items = [(generation_splits[position], index) for position, index in members]
