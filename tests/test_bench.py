@@ -292,3 +292,17 @@ def test_generation_packing_covers_every_prompt_once_with_equal_batch_counts():
             for p in packed:
                 assert all(len(items) <= batch and all(splits[pos][0] == budget for pos, _ in items)
                            for budget, items in p)
+
+
+# ---------------------------------------------------------------- P7 start-up
+def test_cli_timing_refuses_to_time_the_wrong_exit(tmp_path):
+    """P7 times `unlearn validate` on a bad spec only if it really was refused (exit 2), and says so otherwise."""
+    import yaml
+
+    from orchestrator.bench.startup import cli_seconds
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(bench_spec(QUICK, str(tmp_path / "cache"), methods=[{"name": "no_such_method"}])))
+    assert cli_seconds(["validate", str(bad)], 2, 1) > 0
+    with pytest.raises(RuntimeError, match=r"unlearn validate exited 2, expected 0: .*no_such_method"):
+        cli_seconds(["validate", str(bad)], 0, 1)

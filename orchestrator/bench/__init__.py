@@ -18,6 +18,8 @@ baseline_value, ratio, unit, machine) and prints the table. Sections:
 - P5 search efficiency: ASHA and Optuna vs the full grid on the same GA lr space (real Ray Tune sweeps
   on the cached prepared models): best score and worker-seconds.
 - P6 memory: peak resident memory per worker for ZeRO-0/2/3 with 2 gloo workers on a wider model.
+- P7 start-up: ``unlearn validate`` refusing a bad spec and ``unlearn methods`` in fresh processes vs a
+  process that imports torch; ``unlearn eval`` from process start to its tables written vs P4's suite alone.
 
 Everything short is repeated and reported as a median. Plain-process baselines run in spawned
 subprocesses, so each side pays its own imports; Ray starts only after every Ray-free measurement.
@@ -36,6 +38,7 @@ from typing import Callable
 from orchestrator.bench.evaluation import measure_evaluation
 from orchestrator.bench.search import measure_search
 from orchestrator.bench.sizes import FULL, QUICK, Bench, BenchSize, bench_spec
+from orchestrator.bench.startup import measure_bad_input, measure_eval_command
 from orchestrator.bench.table import (
     BenchRow,
     format_table,
@@ -73,6 +76,10 @@ NOTES = [
     "P6: 2 gloo processes fine-tune the wider model for one epoch through `run_finetune` (the "
     "stage set in its config); peak RSS = max(psutil RSS sampled every 5 ms, getrusage ru_maxrss) per worker "
     "process, max over the two workers; growth = peak − RSS after torch, DeepSpeed and transformers are imported.",
+    "P7: wall time of `python -m orchestrator ...` in a fresh process (median of 5; eval once) from launch to "
+    "exit: validate on the bench spec with an unknown method (exit 2, one line), methods, and eval SPEC --model "
+    "bench=<a fresh copy of the prepared target> (prepare cached; one local evaluation process; evals, samples, "
+    "ranking and report written); baselines: `python -c 'import torch'` and P4's batched suite in-process.",
 ]
 
 
@@ -109,7 +116,11 @@ def run_bench(size: BenchSize, log: Callable[[str], None]) -> list[BenchRow]:
         prepared = prepare(spec, local_fit(work), lambda line: log(line))
         bench = Bench(size, spec, prepared, work, log)
         # Ray-free measurements first; then Ray starts (P1's second half) and the sweeps run on it.
+        rows += guarded("P7 start-up", lambda: measure_bad_input(bench), log)
         rows += guarded("P4 evaluation", lambda: measure_evaluation(bench), log)
+        suite = next((row.value for row in rows if row.section == "P4 evaluation" and row.baseline), None)
+        if suite is not None:
+            rows += guarded("P7 start-up", lambda: measure_eval_command(bench, suite), log)
         rows += guarded("P2 ULD vs NPO", lambda: measure_uld_vs_npo(bench), log)
         rows += guarded("P6 memory", lambda: measure_memory(bench), log)
         log(f"P3: fp32 matmul peak, {size.matmul_size}² at {THREADS} thread (before Ray starts)")
@@ -130,7 +141,7 @@ def run_bench(size: BenchSize, log: Callable[[str], None]) -> list[BenchRow]:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    order = ["P1", "P2", "P3", "P4", "P5", "P6"]
+    order = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]
     rows.sort(key=lambda row: order.index(row.section[:2]))
     return with_machine(rows, machine)
 
