@@ -28,6 +28,42 @@ def test_a_metric_that_needs_forget_quality_is_refused_without_a_retain_model(tm
         parse_spec(tiny_spec(tmp_path, evaluation={"generation": False}))
 
 
+def test_a_multi_objective_search_is_refused_without_a_retain_model(tmp_path):
+    (tmp_path / "target").mkdir()
+    sweep = {"methods": [{"name": "ga", "space": {"lr": {"loguniform": [1e-5, 1e-3]}}}], "search": "optuna",
+             "multi_objective": True}
+    with pytest.raises(SpecError, match="field 'sweep.multi_objective': .*needs a retain model"):
+        parse_spec(tiny_spec(tmp_path, model={"target": str(tmp_path / "target")}, sweep=sweep))
+
+
+def test_a_target_without_model_utility_is_refused_once_prepare_has_scored_it(tmp_path):
+    from orchestrator.api import check_target_utility
+
+    spec = parse_spec(tiny_spec(tmp_path))  # sweep.metric: score, which needs utility loss = 1 − MU/MU_target
+    with pytest.raises(SpecError, match="field 'model.target': the target's model utility is 0"):
+        check_target_utility(spec, 0.0)
+    check_target_utility(spec, 0.2)
+    check_target_utility(spec, None)  # not scored (no utility sets): nothing to refuse on
+    fq_only = parse_spec(tiny_spec(tmp_path, sweep={"methods": [{"name": "ga", "space": {"lr": {"grid": [1e-4]}}}],
+                                                    "metric": "log10_forget_quality"}))
+    check_target_utility(fq_only, 0.0)  # log10 FQ needs no utility
+
+
+def test_an_unmeasured_epoch_reports_no_score_and_a_diverged_one_reports_the_floor():
+    from orchestrator.steps import EpochStats
+    from orchestrator.trial_report import DIVERGED_SCORE, epoch_metrics
+
+    config = {"utility_weight": 10.0, "benchmark": {"forget_axis": "forget_quality"}}
+    measured = {"status": "ok", "forget_quality": 0.01, "utility_loss": 0.05}
+    # log10(0.01) − 10 · 0.05 = −2 − 0.5
+    assert epoch_metrics(config, measured, EpochStats())["score"] == pytest.approx(-2.5)
+    for missing in ("forget_quality", "utility_loss"):
+        metrics = epoch_metrics(config, {**measured, missing: None}, EpochStats())
+        assert "score" not in metrics  # Tune's schedulers skip the result instead of ranking a made-up number
+    diverged = epoch_metrics(config, {"status": "diverged", "forget_quality": None, "utility_loss": None}, EpochStats())
+    assert diverged["score"] == DIVERGED_SCORE
+
+
 @pytest.mark.integration
 def test_no_retain_model_no_forget_quality_and_still_a_ranking(ray_local, tiny_cache, tmp_path, monkeypatch):
     import shutil
