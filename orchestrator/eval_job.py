@@ -37,7 +37,10 @@ class EvalOutcome:
 
 
 def named_models(references: list[str]) -> dict[str, str]:
-    """``NAME=REF`` or ``REF`` (named after its last path part) → {name: reference}; names are unique."""
+    """``NAME=REF`` or ``REF`` (named after its last path part) → {name: reference}; names are unique and
+    none is a reference row's (target, retain, base)."""
+    from orchestrator.results import REFERENCE_METHODS
+
     models: dict[str, str] = {}
     for item in references:
         name, sep, reference = item.partition("=")
@@ -45,7 +48,7 @@ def named_models(references: list[str]) -> dict[str, str]:
             name, reference = Path(item.rstrip("/")).name or item, item
         if not name or not reference:
             raise SpecError(f"--model {item!r}: expected REF or NAME=REF")
-        if name in models or name in ("target", "retain"):
+        if name in models or name in REFERENCE_METHODS:
             raise SpecError(f"--model {item!r}: the name {name!r} is taken; give NAME=REF")
         models[name] = str(Path(reference).expanduser().absolute()) if looks_like_path(reference) else reference
     return models

@@ -163,7 +163,9 @@ def _reference_evaluations(spec, eval_dir: Path, tokenizer_path: str, bench, run
     tasks += extra_tasks
     if tasks:
         run_fit([tasks], spec.prepare.num_workers, spec.scaling.cpus_per_worker)
-    return {name: str(eval_dir / f"{name}.json") for name in ("target", "retain", "base") if models.get(name)}
+    from orchestrator.results import REFERENCE_METHODS
+
+    return {name: str(eval_dir / f"{name}.json") for name in REFERENCE_METHODS if models.get(name)}
 
 
 def alternates_file(spec: JobSpec, data, data_hash: str, model_path: str, cache: Path) -> Path | None:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from orchestrator.results import forget_axis
+from orchestrator.scores import FQ_FLOOR
 
 SCATTER_FILE = "fq_vs_utility_loss.png"
 CURVES_FILE = "learning_curves.png"
@@ -186,7 +187,7 @@ def _method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
 def _fq_floor(values: list[float]) -> float:
     """Where FQ = 0 (an underflowed p-value) is drawn on the log axis: a decade below the smallest positive."""
     positive = [v for v in values if v > 0]
-    return min(positive) / 10 if positive else 1e-300
+    return min(positive) / 10 if positive else FQ_FLOOR
 
 
 def _measured(row: dict[str, Any], column: str) -> bool:

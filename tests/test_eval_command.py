@@ -161,3 +161,16 @@ def test_unlearn_eval_scores_every_tofu_metric_on_a_published_snapshot(snapshot,
     samples = read_samples(out).to_pylist()
     assert {s["trial_id"] for s in samples} == {"target", "retain", "other"}
     assert (out / "ranking.parquet").exists()
+
+
+def test_a_model_may_not_take_a_reference_rows_name(tmp_path):
+    from orchestrator.eval_job import named_models
+    from orchestrator.spec import SpecError
+
+    assert named_models([str(tmp_path / "ckpt"), "mine=org/model"]) == {"ckpt": str(tmp_path / "ckpt"),
+                                                                         "mine": "org/model"}
+    for taken in ("target", "retain", "base"):  # the reference rows (results.REFERENCE_METHODS) use these
+        with pytest.raises(SpecError, match=f"the name '{taken}' is taken"):
+            named_models([f"{taken}=org/model"])
+    with pytest.raises(SpecError, match="is taken"):
+        named_models(["a=org/x", "a=org/y"])
