@@ -242,3 +242,10 @@ def test_smollm2_job_fine_tunes_the_packaged_base_and_sweeps_every_method():
     uld = next(entry for entry in spec.sweep.methods if entry.name == "uld")
     assert assistant_layer_count(30, uld.params.get("assistant_layers", 0)) == 7  # a quarter of SmolLM2's 30 layers
     assert gang_fits(spec, 2, 0) == 2  # two one-worker trials side by side on 2 CPUs
+
+
+def test_quickstart_sweeps_every_registered_method_two_trials_at_a_time():
+    spec = load_job(JOBS_DIR / "quickstart.yaml")
+    names = [entry.name for entry in spec.sweep.methods]
+    assert sorted(names) == sorted(method_names()) and len(names) == 16
+    assert gang_fits(spec, 2, 0) == 2
