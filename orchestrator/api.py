@@ -254,9 +254,9 @@ def resume(run_dir: str | os.PathLike, address: str | None = None, log: Callable
 
 
 def _sweep_and_compare(spec: JobSpec, run_dir: Path, state: dict[str, Any], log, restore: bool) -> RunResult:
-    from orchestrator.sweep import build_tuner, restore_tuner
+    from orchestrator.sweep import build_tuner, live_gangs, restore_tuner, wait_for_gangs_to_end
 
-    start = time.perf_counter()
+    start, gangs_before = time.perf_counter(), live_gangs()
     if restore and (run_dir / "tune").exists():
         tuner = restore_tuner(spec, run_dir, state["base_config"])
     else:
@@ -264,6 +264,7 @@ def _sweep_and_compare(spec: JobSpec, run_dir: Path, state: dict[str, Any], log,
     grid = tuner.fit()
     failed = sum(1 for result in grid if result.error is not None)
     log(f"sweep: {len(grid)} trials in {time.perf_counter() - start:.0f} s ({failed} failed)")
+    wait_for_gangs_to_end(gangs_before, log)
     finalize_statuses(run_dir, state, [(Path(r.path).name, r.error is not None) for r in grid])
     return summarize(run_dir, spec.utility_ceiling, log)
 

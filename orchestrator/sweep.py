@@ -258,3 +258,28 @@ def restore_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any]):
     trainable = trial_trainable(spec, base_config)
     return tune.Tuner.restore(str(run_dir / "tune"), trainable=trainable, resume_unfinished=True,
                               resume_errored=True, restart_errored=False)
+
+
+def live_gangs() -> set[str]:
+    """Ids of the cluster's placement groups not yet removed (each Ray Train gang holds one)."""
+    import ray.util
+
+    return {pg_id for pg_id, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"}
+
+
+def wait_for_gangs_to_end(before: set[str], log, timeout: float = 60.0, poll: float = 0.5) -> set[str]:
+    """Wait until every gang started since ``before`` is gone; return those still alive at the timeout.
+
+    Tune stops a trial (ASHA) by ending its driver; the gang's workers live on until Ray Train's
+    PlacementGroupCleaner removes their placement group, and meanwhile may finish an epoch and write its
+    evals row. Statuses are finalized only over rows no worker can still write (seen in CI: a stopped
+    trial's epoch-2 row landed after the sweep had marked its epoch-1 row stopped)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while alive := live_gangs() - before:
+        if time.monotonic() >= deadline:
+            log(f"sweep: {len(alive)} trial gangs still alive after {timeout:.0f} s; statuses finalized without them")
+            return alive
+        time.sleep(poll)
+    return set()

@@ -252,3 +252,32 @@ def test_readme_tuning_script_registers_and_sweeps_a_new_method(ray_local, tiny_
     rows = [r for r in read_evals(tmp_path / "run").to_pylist() if r["method"] == "scaled_ga"]
     assert sorted(json.loads(r["params"])["scale"] for r in rows) == [0.5, 1.0]  # its default space, swept
     assert all(r["status"] == "ok" and r["forget_quality"] is not None for r in rows)
+
+
+def test_statuses_wait_for_the_gangs_the_sweep_started(monkeypatch):
+    """Finalizing waits until every placement group created during the sweep is removed (a stopped trial's
+    workers can still write a row until then); groups that existed before are not waited for."""
+    import ray.util
+
+    from orchestrator.sweep import wait_for_gangs_to_end
+
+    tables = iter([
+        {"old": "CREATED", "a": "CREATED", "b": "PENDING"},
+        {"old": "CREATED", "a": "REMOVED", "b": "CREATED"},
+        {"old": "CREATED", "a": "REMOVED", "b": "REMOVED"},
+    ])
+    calls = []
+
+    def table():
+        calls.append(1)
+        return {pg: {"state": state} for pg, state in next(tables).items()}
+
+    monkeypatch.setattr(ray.util, "placement_group_table", table)
+    lines = []
+    assert wait_for_gangs_to_end({"old"}, lines.append, timeout=5, poll=0) == set()
+    assert len(calls) == 3 and lines == []  # returned at the first table without a live new gang
+
+    monkeypatch.setattr(ray.util, "placement_group_table", lambda: {"old": {"state": "CREATED"},
+                                                                     "stuck": {"state": "CREATED"}})
+    assert wait_for_gangs_to_end({"old"}, lines.append, timeout=0, poll=0) == {"stuck"}
+    assert lines == ["sweep: 1 trial gangs still alive after 0 s; statuses finalized without them"]
