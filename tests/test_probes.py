@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from orchestrator.data import generate_benchmark
 from orchestrator.encoding import collate, encode_pair
@@ -97,3 +98,14 @@ def test_a_sweep_trial_gets_a_row_per_probe_for_its_chosen_epoch(ray_local, tiny
     assert probed["relearn"]["privleak"] is None and "rest" in json.loads(probed["relearn"]["not_measured"])["privleak"]
     assert probed["int4"]["privleak"] is not None
     assert chosen["worst_probe"] in probed and (tmp_path / "run" / "report" / "robustness.png").exists()
+
+
+def test_the_readmes_robustness_block_is_a_valid_spec_section():
+    import re
+
+    from tests.conftest import ROOT
+
+    block, = [b for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "robustness:" in b]
+    spec = parse_spec(tiny_spec("/tmp/unused-cache", robustness=yaml.safe_load(block)["robustness"]))
+    assert spec.robustness.probes == ["relearn", "int8", "int4"] and spec.robustness.epochs == "best"
+    assert spec.robustness.relearn_fraction == 0.1 and spec.robustness.relearn_epochs == 3
