@@ -109,3 +109,41 @@ def test_the_readmes_robustness_block_is_a_valid_spec_section():
     spec = parse_spec(tiny_spec("/tmp/unused-cache", robustness=yaml.safe_load(block)["robustness"]))
     assert spec.robustness.probes == ["relearn", "int8", "int4"] and spec.robustness.epochs == "best"
     assert spec.robustness.relearn_fraction == 0.1 and spec.robustness.relearn_epochs == 3
+
+
+def test_a_resumed_trial_attacks_only_the_probes_it_has_no_row_for(tmp_path, monkeypatch):
+    """run_probes on the chosen epoch: a probe whose evals row exists (written before the sweep was killed) is
+    not redone; the others are attacked once each, from the kept checkpoint."""
+    import types
+
+    from orchestrator import probes
+    from orchestrator.results import eval_file_name, write_evals
+
+    config = {"run_dir": str(tmp_path), "trial_id": "ga_0001", "utility_ceiling": 0.1, "scaling": {"zero_stage": 2},
+              "benchmark": {"forget_axis": "forget_quality"},
+              "robustness": {"probes": ["relearn", "int8", "int4"], "epochs": "best"}}
+    # Epoch 2 is the best under the ceiling (higher FQ, utility loss 0.05): the probes attack it.
+    history = [{"epoch": 1, "forget_prob": 0.5, "forget_quality": 0.01, "utility_loss": 0.02},
+               {"epoch": 2, "forget_prob": 0.2, "forget_quality": 0.30, "utility_loss": 0.05}]
+    write_evals(tmp_path, [{"trial_id": "ga_0001", "method": "ga", "epoch": 2, "probe": "int8", "status": "ok"}],
+                "ga_0001", 2, "int8")
+    loaded, attacked = [], []
+
+    class Engine:
+        module = torch.nn.Linear(2, 2)
+
+        def load_checkpoint(self, directory, tag, **kwargs):
+            loaded.append(tag)
+
+    monkeypatch.setattr(probes, "_probe_and_write",
+                        lambda cfg, ctx, method, state, probe, epoch, *rest: attacked.append((probe, epoch)))
+    probes.run_probes(config, types.SimpleNamespace(rank=0), Engine(), None, None, None, history)
+    assert attacked == [("relearn", 2), ("int4", 2)] and loaded == [probes.PROBE_TAG]
+    assert (tmp_path / "evals" / eval_file_name("ga_0001", 2, "int8")).exists()
+
+    for probe in ("relearn", "int4"):  # all three written: a second resume attacks nothing, loads nothing
+        write_evals(tmp_path, [{"trial_id": "ga_0001", "method": "ga", "epoch": 2, "probe": probe, "status": "ok"}],
+                    "ga_0001", 2, probe)
+    attacked.clear(), loaded.clear()
+    probes.run_probes(config, types.SimpleNamespace(rank=0), Engine(), None, None, None, history)
+    assert attacked == [] and loaded == []
