@@ -91,6 +91,17 @@ def check_capacity(spec: JobSpec, cpus: float, gpus: float) -> None:
                         + (f" and {gpus:g} GPU" if s.use_gpu else "") + ": it could never be scheduled")
 
 
+def check_placement(spec: JobSpec) -> None:
+    """The placement strategy and the drivers' node against the connected cluster's alive nodes."""
+    import ray
+
+    from orchestrator.sweep import placement_problem
+
+    problem = placement_problem(spec, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+    if problem:
+        raise SpecError(problem)
+
+
 def _local_gpus() -> float:
     import torch
 
@@ -223,6 +234,7 @@ def run(spec: JobSpec | str | os.PathLike, run_dir: str | os.PathLike | None = N
 
     cpus, gpus = cluster_capacity()
     check_capacity(spec, cpus, gpus)
+    check_placement(spec)
     run_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
     log(f"run {run_id}: {run_dir}")
     if spec.forget_axis() == "forget_prob":

@@ -153,6 +153,13 @@ class ScalingSpec(_Strict):
     # Per-epoch checkpoints a trial keeps on disk, newest first (restarts and resume need only the newest;
     # a 7B ZeRO checkpoint with Adam states is ~100 GB).
     checkpoints_to_keep: int = Field(2, ge=1)
+    # How a trial's workers are laid over the nodes (Ray placement-group strategies): PACK fills a node
+    # first, SPREAD prefers distinct nodes, STRICT_SPREAD requires one node per worker (a gang that cannot
+    # be placed that way waits), STRICT_PACK requires one node for the whole gang.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Keep every trial's driver (Tune's trial actor and Ray Train's controller beside it) on the head node,
+    # so losing a worker node costs a gang restart, never the trial itself.
+    drivers_on_head: bool = True
 
 
 class EvaluationSpec(_Strict):

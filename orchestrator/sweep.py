@@ -17,6 +17,14 @@ from orchestrator.spec import JobSpec
 from orchestrator.spec_sweep import TRAINER_KEYS, MethodEntry
 
 DRIVER_CPU = 0.01  # a Tune trial that only drives a TorchTrainer (0 is refused by Ray 2.60)
+# Ray gives the head node 1.0 of this resource; a trial driver asking for a sliver of it lands there.
+HEAD_RESOURCE = "node:__internal_head__"
+HEAD_SHARE = 0.01  # up to 100 trial drivers on the head at once
+
+
+def driver_resources(drivers_on_head: bool) -> dict[str, float]:
+    """What one trial's driver asks for (Ray Train's controller is placed on the node of its driver)."""
+    return {"cpu": DRIVER_CPU} | ({HEAD_RESOURCE: HEAD_SHARE} if drivers_on_head else {})
 
 
 def method_space(entry: MethodEntry) -> dict[str, dict[str, Any]]:
@@ -113,6 +121,28 @@ def gang_fits(spec: JobSpec, cluster_cpus: float, cluster_gpus: float) -> int:
     if s.use_gpu:
         fits = min(fits, math.floor(cluster_gpus / s.num_workers))
     return fits
+
+
+def placement_problem(spec: JobSpec, nodes: list[dict[str, float]]) -> str | None:
+    """Why no trial gang could ever be placed on these nodes (each node's total resources, the head's with
+    HEAD_RESOURCE), or None. Only what the placement strategy adds to the cluster-wide CPU count."""
+    s = spec.scaling
+    per_worker = {"CPU": s.cpus_per_worker} | ({"GPU": 1.0} if s.use_gpu else {})
+
+    def workers_on(node: dict[str, float]) -> int:
+        return min(math.floor(node.get(key, 0.0) / need + 1e-9) for key, need in per_worker.items())
+
+    if s.placement_strategy == "STRICT_SPREAD" and sum(workers_on(n) >= 1 for n in nodes) < s.num_workers:
+        return (f"field 'scaling.placement_strategy': STRICT_SPREAD puts each of the {s.num_workers} workers on a "
+                f"node of its own, and {sum(workers_on(n) >= 1 for n in nodes)} of the cluster's {len(nodes)} nodes "
+                f"can hold one")
+    if s.placement_strategy == "STRICT_PACK" and max((workers_on(n) for n in nodes), default=0) < s.num_workers:
+        return (f"field 'scaling.placement_strategy': STRICT_PACK puts all {s.num_workers} workers on one node, "
+                f"and no node of the cluster can hold them")
+    if s.drivers_on_head and not any(n.get(HEAD_RESOURCE, 0) and n.get("CPU", 0) >= DRIVER_CPU for n in nodes):
+        return (f"field 'scaling.drivers_on_head': trial drivers need {DRIVER_CPU} CPU on the head node, which has "
+                f"none; start it with CPUs or set drivers_on_head: false")
+    return None
 
 
 def build_tuner(spec: JobSpec, run_dir: Path, base_config: dict[str, Any], max_concurrent: int, trainable=None):
@@ -215,7 +245,8 @@ def trial_trainable(spec: JobSpec, base_config: dict[str, Any]):
 
     method_classes = {entry.name: get_method_class(entry.name) for entry in spec.sweep.methods}
     return tune.with_resources(
-        tune.with_parameters(driver, base_config=base_config, method_classes=method_classes), {"cpu": DRIVER_CPU}
+        tune.with_parameters(driver, base_config=base_config, method_classes=method_classes),
+        driver_resources(spec.scaling.drivers_on_head),
     )
 
 
@@ -242,7 +273,8 @@ def driver(config: dict[str, Any], base_config: dict[str, Any], method_classes: 
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                      resources_per_worker={"CPU": scaling["cpus_per_worker"]}
-                                     | ({"GPU": 1} if scaling["use_gpu"] else {})),
+                                     | ({"GPU": 1} if scaling["use_gpu"] else {}),
+                                     placement_strategy=scaling.get("placement_strategy", "PACK")),
         run_config=RunConfig(name=worker_config["trial_id"], storage_path=str(Path(base_config["run_dir"]) / "train"),
                              failure_config=FailureConfig(max_failures=scaling["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=scaling["checkpoints_to_keep"]),
