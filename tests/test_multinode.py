@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,19 +106,23 @@ def two_nodes(monkeypatch):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def start_unlearn(cluster, tmp_path: Path, *args: str, log_name: str = "driver.log") -> subprocess.Popen:
+    """`unlearn ARGS --address CLUSTER` in a process (and session) of its own, as a driver on the head."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT),
+                                                                        "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    log = open(tmp_path / log_name, "w")
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *args, "--address", cluster.address], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def start_driver(cluster, tmp_path: Path, spec: dict) -> tuple[subprocess.Popen, Path]:
-    """`unlearn run SPEC --address` in a process of its own; returns it and the run directory."""
+    """`unlearn run SPEC` on the cluster; returns the driver and the run directory."""
     spec_file, run_dir = tmp_path / "spec.yaml", tmp_path / "run"
     spec_file.write_text(yaml.safe_dump(spec))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec_file), "--run-dir", str(run_dir),
-                               "--address", cluster.address], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    return driver, run_dir
+    return start_unlearn(cluster, tmp_path, "run", str(spec_file), "--run-dir", str(run_dir)), run_dir
 
 
-def finish(driver: subprocess.Popen, tmp_path: Path, timeout: float = FIRST_RUN_S) -> None:
+def finish(driver: subprocess.Popen, tmp_path: Path, timeout: float = FIRST_RUN_S, log_name: str = "driver.log") -> None:
     try:
         driver.wait(timeout=timeout)
     finally:
@@ -125,7 +130,7 @@ def finish(driver: subprocess.Popen, tmp_path: Path, timeout: float = FIRST_RUN_
             family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
             driver.kill()
             kill_leftovers(family, grace=5)
-    assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    assert driver.returncode == 0, (tmp_path / log_name).read_text()[-4000:]
 
 
 def train_worker_nodes(cluster, state: str | None = None) -> list[dict]:
@@ -195,3 +200,30 @@ def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(two_nodes, tiny_ca
     assert [r["status"] for r in rows] == ["running", "running", "running", "ok"]
     assert len(list(evals.glob(f"{trial_id}-*.parquet"))) == 4
     assert first.stat().st_mtime_ns == first_mtime  # resumed from epoch 1's checkpoint, not from epoch 0
+
+
+@pytest.mark.integration
+def test_a_lost_driver_is_resumed_on_the_cluster_from_the_same_storage(two_nodes, tiny_cache, tmp_path):
+    from tests.test_reliability import tune_trial_states
+
+    cluster, _ = two_nodes
+    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=4))
+    alive = lambda: driver.poll() is None  # noqa: E731
+    trial_id, gang = running_gang(cluster, run_dir, 1, alive)
+    wait_for(lambda: registered_checkpoints(run_dir, trial_id) and tune_trial_states(run_dir), 120, alive,
+             "epoch 1's checkpoint and Tune's saved state")
+    first = run_dir / "evals" / f"{trial_id}-e0001.parquet"
+    first_mtime = first.stat().st_mtime_ns
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started; the cluster stays
+    driver.wait(timeout=30)
+    old = {a["actor_id"] for a in gang}
+    wait_for(lambda: not any(a["actor_id"] in old for a in train_worker_nodes(cluster, "ALIVE")), 60, lambda: True,
+             "the lost driver's gang to end with it")
+
+    resumed = start_unlearn(cluster, tmp_path, "resume", str(run_dir), log_name="resume.log")
+    finish(resumed, tmp_path, log_name="resume.log")
+    (rows,) = trials_by_id(read_evals(run_dir).to_pylist()).values()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # contiguous, none twice
+    assert rows[-1]["status"] == "ok" and rows[0]["trial_id"] == trial_id
+    assert first.stat().st_mtime_ns == first_mtime  # continued from epoch 1's checkpoint
+    assert (run_dir / "ranking.parquet").exists()
