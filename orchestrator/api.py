@@ -184,9 +184,10 @@ def ray_fit(run_dir: Path) -> Callable[[list[list[dict[str, Any]]], int, float],
     """How prepare runs the worker loop: one TorchTrainer gang per task list, the gangs concurrently."""
 
     def fit_one(tasks: list[dict[str, Any]], num_workers: int, cpus: float) -> None:
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
+        from orchestrator.console import TRAIN_CONSOLE_LEVEL
         from orchestrator.worker import train_loop_per_worker
 
         use_gpu = bool(tasks[0]["scaling"]["use_gpu"])
@@ -194,7 +195,8 @@ def ray_fit(run_dir: Path) -> Callable[[list[list[dict[str, Any]]], int, float],
             train_loop_per_worker, train_loop_config={"tasks": tasks},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus} | ({"GPU": 1} if use_gpu else {})),
-            run_config=RunConfig(name=f"prepare-{uuid.uuid4().hex[:8]}", storage_path=str(run_dir / "prepare")),
+            run_config=RunConfig(name=f"prepare-{uuid.uuid4().hex[:8]}", storage_path=str(run_dir / "prepare"),
+                                 logging_config=LoggingConfig(TRAIN_CONSOLE_LEVEL)),
         )
         trainer.fit()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from methods import describe
+from orchestrator.console import TRAIN_CONSOLE_LEVEL
 from orchestrator.errors import SweepError
 from orchestrator.spec import JobSpec
 from orchestrator.spec_sweep import TRAINER_KEYS, MethodEntry
@@ -253,7 +254,7 @@ def trial_trainable(spec: JobSpec, base_config: dict[str, Any]):
 def driver(config: dict[str, Any], base_config: dict[str, Any], method_classes: dict[str, type]) -> None:
     """One Tune trial: fit a TorchTrainer gang running the worker loop, forwarding its reports."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -278,7 +279,7 @@ def driver(config: dict[str, Any], base_config: dict[str, Any], method_classes: 
         run_config=RunConfig(name=worker_config["trial_id"], storage_path=str(Path(base_config["run_dir"]) / "train"),
                              failure_config=FailureConfig(max_failures=scaling["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=scaling["checkpoints_to_keep"]),
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()], logging_config=LoggingConfig(TRAIN_CONSOLE_LEVEL)),
     )
     trainer.fit()
 

@@ -29,6 +29,7 @@ import torch
 from methods import build_method
 from methods.base import MethodInputs, UnlearningMethod, nll
 from orchestrator import probes
+from orchestrator.console import quiet_libraries, quiet_ray_console
 from orchestrator.steps import EpochStats, gather_epoch, run_epoch, trainable_parameters
 from orchestrator.trial_report import emit_epoch
 from orchestrator.evaluation.config import eval_config
@@ -81,6 +82,7 @@ def start_process(ctx: WorkerContext, seed: int) -> None:
         # DeepSpeed's shared-memory CPU collectives JIT-compile a C++ op (minutes on 2 cores) on first use;
         # gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    quiet_libraries()
     torch.manual_seed(seed)
 
 
@@ -224,6 +226,8 @@ def run_trial(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
         _, client_state = loop.engine.load_checkpoint(ctx.restore_dir, tag="ckpt")
         first_epoch, history = int(client_state["epoch"]) + 1, client_state.get("history", [])
         method.load_state(client_state.get("method_state", {}))
+        if ctx.rank == 0:  # the restart itself is logged by Ray Train, off the console
+            print(f"[{config['trial_id']}] resumed from epoch {first_epoch - 1}'s checkpoint", flush=True)
 
     last: dict[str, Any] = history[-1] if history else {}
     train_seconds = history[-1].get("train_seconds", 0.0) if history else 0.0  # cumulative
@@ -376,6 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     context = ray.train.get_context()
+    quiet_ray_console()
     tasks = config.get("tasks", [config])  # prepare sends several (fine-tune, evaluate) to one gang
     torch.set_num_threads(int(tasks[0].get("threads_per_worker", 1)))
     device = ray.train.torch.get_device() if tasks[0]["scaling"]["use_gpu"] else torch.device("cpu")

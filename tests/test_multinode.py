@@ -10,6 +10,7 @@ run directory is the storage every node writes to (shared here because the nodes
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,6 +142,21 @@ def train_worker_nodes(cluster, state: str | None = None) -> list[dict]:
     return list_actors(address=f"http://{cluster.webui_url}", filters=filters, detail=True, limit=1000, raise_on_missing_output=False)
 
 
+def resumed_epoch(log: Path, trial_id: str) -> int:
+    """The epoch whose checkpoint the restarted gang continued from, as its rank 0 printed it."""
+    found = re.findall(rf"\[{trial_id}\] resumed from epoch (\d+)'s checkpoint", log.read_text())
+    assert len(found) == 1, f"{len(found)} resume lines for {trial_id} in {log.name}"
+    return int(found[0])
+
+
+def evals_times(run_dir: Path, trial_id: str) -> dict[int, int]:
+    return {int(p.stem.rsplit("-e", 1)[1]): p.stat().st_mtime_ns for p in (run_dir / "evals").glob(f"{trial_id}-e*.parquet")}
+
+
+# Enough epochs (about 1 s each here) that the fault below lands mid-trial, with epochs left after it.
+LONG_TRIAL = 10
+
+
 def spread_spec(cache: Path, epochs: int) -> dict:
     return tiny_spec(cache, scaling={**TINY_SPEC["scaling"], "num_workers": 2, "cpus_per_worker": 0.99,
                                      "placement_strategy": "STRICT_SPREAD", "max_failures": 2},
@@ -169,22 +185,22 @@ def test_a_gang_spread_over_two_nodes_completes(two_nodes, tiny_cache, tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["status"] == "ok"
     assert rows[-1]["num_workers"] == 2 and rows[-1]["forget_prob"] is not None
     assert (run_dir / "ranking.parquet").exists()
+    # What the user watched: one line per epoch, not Ray Train's report dicts and checkpoint notices.
+    console = (tmp_path / "driver.log").read_text()
+    assert f"[{rows[0]['trial_id']}] epoch 3/3 ok" in console
+    assert "Reporting training result" not in console and "Checkpoint successfully created" not in console
 
 
 @pytest.mark.integration
 def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(two_nodes, tiny_cache, tmp_path):
     cluster, lost = two_nodes
-    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=4))
-    evals = run_dir / "evals"
+    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=LONG_TRIAL))
     alive = lambda: driver.poll() is None  # noqa: E731
     trial_id, gang = running_gang(cluster, run_dir, 1, alive)
-    first = evals / f"{trial_id}-e0001.parquet"
     wait_for(lambda: registered_checkpoints(run_dir, trial_id), 120, alive, "epoch 1's checkpoint")
-    first_mtime = first.stat().st_mtime_ns
-    assert {a["node_id"] for a in gang} == {cluster.head_node.node_id, lost.node_id}
-
     cluster.remove_node(lost, allow_graceful=False)
-    removed_at = time.monotonic()
+    removed_at, before = time.monotonic(), evals_times(run_dir, trial_id)
+    assert {a["node_id"] for a in gang} == {cluster.head_node.node_id, lost.node_id}
     # STRICT_SPREAD: the one node left cannot hold the gang, which waits; capacity returns with a new node.
     time.sleep(5)
     replacement = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
@@ -195,11 +211,20 @@ def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(two_nodes, tiny_ca
     finish(driver, tmp_path)
 
     assert {a["node_id"] for a in restarted} == {cluster.head_node.node_id, replacement.node_id}
+    assert_resumed(run_dir, trial_id, before, tmp_path / "driver.log")
+
+
+def assert_resumed(run_dir: Path, trial_id: str, before: dict[int, int], log: Path) -> None:
+    """One row per epoch 1..LONG_TRIAL; the gang continued from a checkpoint (not epoch 0) and left the rows up
+    to it as they were. An epoch after it may have been written just before the fault, ahead of its
+    checkpoint: it is redone and its row replaced under the same name, so the table still holds it once."""
     (rows,) = trials_by_id(read_evals(run_dir).to_pylist()).values()
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # contiguous, none twice
-    assert [r["status"] for r in rows] == ["running", "running", "running", "ok"]
-    assert len(list(evals.glob(f"{trial_id}-*.parquet"))) == 4
-    assert first.stat().st_mtime_ns == first_mtime  # resumed from epoch 1's checkpoint, not from epoch 0
+    assert [r["epoch"] for r in rows] == list(range(1, LONG_TRIAL + 1))  # contiguous, none twice
+    assert [r["status"] for r in rows] == ["running"] * (LONG_TRIAL - 1) + ["ok"]
+    resumed = resumed_epoch(log, trial_id)
+    assert 1 <= resumed < LONG_TRIAL
+    after = evals_times(run_dir, trial_id)
+    assert all(after[epoch] == before[epoch] for epoch in range(1, resumed + 1))
 
 
 @pytest.mark.integration
@@ -207,23 +232,19 @@ def test_a_lost_driver_is_resumed_on_the_cluster_from_the_same_storage(two_nodes
     from tests.test_reliability import tune_trial_states
 
     cluster, _ = two_nodes
-    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=4))
+    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=LONG_TRIAL))
     alive = lambda: driver.poll() is None  # noqa: E731
     trial_id, gang = running_gang(cluster, run_dir, 1, alive)
     wait_for(lambda: registered_checkpoints(run_dir, trial_id) and tune_trial_states(run_dir), 120, alive,
              "epoch 1's checkpoint and Tune's saved state")
-    first = run_dir / "evals" / f"{trial_id}-e0001.parquet"
-    first_mtime = first.stat().st_mtime_ns
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started; the cluster stays
     driver.wait(timeout=30)
     old = {a["actor_id"] for a in gang}
     wait_for(lambda: not any(a["actor_id"] in old for a in train_worker_nodes(cluster, "ALIVE")), 60, lambda: True,
              "the lost driver's gang to end with it")
+    before = evals_times(run_dir, trial_id)
 
     resumed = start_unlearn(cluster, tmp_path, "resume", str(run_dir), log_name="resume.log")
     finish(resumed, tmp_path, log_name="resume.log")
-    (rows,) = trials_by_id(read_evals(run_dir).to_pylist()).values()
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # contiguous, none twice
-    assert rows[-1]["status"] == "ok" and rows[0]["trial_id"] == trial_id
-    assert first.stat().st_mtime_ns == first_mtime  # continued from epoch 1's checkpoint
+    assert_resumed(run_dir, trial_id, before, tmp_path / "resume.log")
     assert (run_dir / "ranking.parquet").exists()
