@@ -32,7 +32,9 @@ class AltPOParams:
 
 @register_method("altpo")
 class AltPO(UnlearningMethod):
-    """The alternate batch pairs each forget question with a made-up answer: the chosen answer."""
+    """DPO preferring a made-up alternate answer over the forget answer, plus the retain NLL.
+
+    The alternate batch pairs each forget question with that alternate: the chosen answer."""
 
     Params: ClassVar[type] = AltPOParams
     splits: ClassVar[tuple[str, ...]] = ("forget", "alternate", "retain")

@@ -29,7 +29,9 @@ class IdkDPOParams:
 
 @register_method("idkdpo")
 class IdkDPO(UnlearningMethod):
-    """The template batch pairs each forget question with a refusal line: the chosen answer."""
+    """DPO preferring a refusal over the forget answer, plus the retain NLL.
+
+    The template batch pairs each forget question with a refusal line: the chosen answer."""
 
     Params: ClassVar[type] = IdkDPOParams
     splits: ClassVar[tuple[str, ...]] = ("forget", "template", "retain")
