@@ -194,9 +194,7 @@ def test_a_gang_spread_over_two_nodes_completes(two_nodes, tiny_cache, tmp_path)
 @pytest.mark.integration
 def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(two_nodes, tiny_cache, tmp_path):
     cluster, lost = two_nodes
-    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=LONG_TRIAL))
-    alive = lambda: driver.poll() is None  # noqa: E731
-    trial_id, gang = running_gang(cluster, run_dir, 1, alive)
+    driver, run_dir, alive, trial_id, gang = start_long_trial(cluster, tmp_path, tiny_cache)
     wait_for(lambda: registered_checkpoints(run_dir, trial_id), 120, alive, "epoch 1's checkpoint")
     cluster.remove_node(lost, allow_graceful=False)
     removed_at, before = time.monotonic(), evals_times(run_dir, trial_id)
@@ -212,6 +210,14 @@ def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(two_nodes, tiny_ca
 
     assert {a["node_id"] for a in restarted} == {cluster.head_node.node_id, replacement.node_id}
     assert_resumed(run_dir, trial_id, before, tmp_path / "driver.log")
+
+
+def start_long_trial(cluster, tmp_path: Path, cache: Path):
+    """A LONG_TRIAL-epoch trial under way: (driver, run dir, driver alive?, trial id, its gang's workers)."""
+    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(cache, epochs=LONG_TRIAL))
+    alive = lambda: driver.poll() is None  # noqa: E731
+    trial_id, gang = running_gang(cluster, run_dir, 1, alive)
+    return driver, run_dir, alive, trial_id, gang
 
 
 def assert_resumed(run_dir: Path, trial_id: str, before: dict[int, int], log: Path) -> None:
@@ -232,9 +238,7 @@ def test_a_lost_driver_is_resumed_on_the_cluster_from_the_same_storage(two_nodes
     from tests.test_reliability import tune_trial_states
 
     cluster, _ = two_nodes
-    driver, run_dir = start_driver(cluster, tmp_path, spread_spec(tiny_cache, epochs=LONG_TRIAL))
-    alive = lambda: driver.poll() is None  # noqa: E731
-    trial_id, gang = running_gang(cluster, run_dir, 1, alive)
+    driver, run_dir, alive, trial_id, gang = start_long_trial(cluster, tmp_path, tiny_cache)
     wait_for(lambda: registered_checkpoints(run_dir, trial_id) and tune_trial_states(run_dir), 120, alive,
              "epoch 1's checkpoint and Tune's saved state")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started; the cluster stays
