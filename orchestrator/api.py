@@ -188,13 +188,14 @@ def ray_fit(run_dir: Path) -> Callable[[list[list[dict[str, Any]]], int, float],
         from ray.train.torch import TorchTrainer
 
         from orchestrator.console import TRAIN_CONSOLE_LEVEL
+        from orchestrator.sweep import worker_resources
         from orchestrator.worker import train_loop_per_worker
 
         use_gpu = bool(tasks[0]["scaling"]["use_gpu"])
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"tasks": tasks},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus} | ({"GPU": 1} if use_gpu else {})),
+                                         resources_per_worker=worker_resources(cpus, use_gpu)),
             run_config=RunConfig(name=f"prepare-{uuid.uuid4().hex[:8]}", storage_path=str(run_dir / "prepare"),
                                  logging_config=LoggingConfig(TRAIN_CONSOLE_LEVEL)),
         )

@@ -23,6 +23,11 @@ HEAD_RESOURCE = "node:__internal_head__"
 HEAD_SHARE = 0.01  # up to 100 trial drivers on the head at once
 
 
+def worker_resources(cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
+    """What one worker of a gang asks for: its CPUs and, on GPU clusters, one GPU."""
+    return {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+
+
 def driver_resources(drivers_on_head: bool) -> dict[str, float]:
     """What one trial's driver asks for (Ray Train's controller is placed on the node of its driver)."""
     return {"cpu": DRIVER_CPU} | ({HEAD_RESOURCE: HEAD_SHARE} if drivers_on_head else {})
@@ -128,15 +133,15 @@ def placement_problem(spec: JobSpec, nodes: list[dict[str, float]]) -> str | Non
     """Why no trial gang could ever be placed on these nodes (each node's total resources, the head's with
     HEAD_RESOURCE), or None. Only what the placement strategy adds to the cluster-wide CPU count."""
     s = spec.scaling
-    per_worker = {"CPU": s.cpus_per_worker} | ({"GPU": 1.0} if s.use_gpu else {})
+    per_worker = worker_resources(s.cpus_per_worker, s.use_gpu)
 
     def workers_on(node: dict[str, float]) -> int:
         return min(math.floor(node.get(key, 0.0) / need + 1e-9) for key, need in per_worker.items())
 
-    if s.placement_strategy == "STRICT_SPREAD" and sum(workers_on(n) >= 1 for n in nodes) < s.num_workers:
+    nodes_with_room = sum(workers_on(n) >= 1 for n in nodes)
+    if s.placement_strategy == "STRICT_SPREAD" and nodes_with_room < s.num_workers:
         return (f"field 'scaling.placement_strategy': STRICT_SPREAD puts each of the {s.num_workers} workers on a "
-                f"node of its own, and {sum(workers_on(n) >= 1 for n in nodes)} of the cluster's {len(nodes)} nodes "
-                f"can hold one")
+                f"node of its own, and {nodes_with_room} of the cluster's {len(nodes)} nodes can hold one")
     if s.placement_strategy == "STRICT_PACK" and max((workers_on(n) for n in nodes), default=0) < s.num_workers:
         return (f"field 'scaling.placement_strategy': STRICT_PACK puts all {s.num_workers} workers on one node, "
                 f"and no node of the cluster can hold them")
@@ -273,8 +278,8 @@ def driver(config: dict[str, Any], base_config: dict[str, Any], method_classes: 
         train_loop_per_worker,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
-                                     resources_per_worker={"CPU": scaling["cpus_per_worker"]}
-                                     | ({"GPU": 1} if scaling["use_gpu"] else {}),
+                                     resources_per_worker=worker_resources(scaling["cpus_per_worker"], scaling["use_gpu"]),
+                                     # a run directory from before the field has no strategy: Ray's default
                                      placement_strategy=scaling.get("placement_strategy", "PACK")),
         run_config=RunConfig(name=worker_config["trial_id"], storage_path=str(Path(base_config["run_dir"]) / "train"),
                              failure_config=FailureConfig(max_failures=scaling["max_failures"]),
