@@ -338,6 +338,9 @@ def gloo_worker(rank: int, port: int, steps: int, out_path: str) -> None:
     if rank == 0:
         torch.save({"weights": weights, "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                    out_path)
+    # Both ranks tear gloo down together: rank 1 leaving while rank 0 still saved aborted it at exit now and
+    # then ("terminate called without an active exception", SIGABRT; 1 run in 3 seen here).
+    dist.barrier()
     dist.destroy_process_group()
 
 
