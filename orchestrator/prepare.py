@@ -110,8 +110,9 @@ def prepare(spec: JobSpec, run_fit: Callable[[list[list[dict[str, Any]]], int, f
         if spec.benchmark.kind == "tofu" and spec.evaluation.utility_sets:
             bench = benchmark_config(spec, known_utility_rows(spec, data, data_hash, base_path, tokenizer_path,
                                                               cache, log))
+        rehearsal = rehearsal_file(spec, base_path, tokenizer_path, cache, log) if spec.prepare.self_rehearsal else None
         paths = _finetunes(spec, finetune_key(spec, data_hash, base_path, tokenizer_path), base_path,
-                           tokenizer_path, bench, cache, finetunes, log)
+                           tokenizer_path, bench, cache, finetunes, log, rehearsal)
         model_path, retain_path = paths["target"], paths["retain"]
     elif m.uses_embedded_model:
         model_path, tokenizer_path, retain_path = _embedded_models(spec, data, data_hash, cache, finetunes, log)
@@ -210,6 +211,35 @@ def known_utility_rows(spec: JobSpec, data, data_hash: str, base_path: str, toke
     return saved["keep_rows"]
 
 
+REHEARSAL_QUESTIONS = Path(__file__).resolve().parent / "assets" / "rehearsal_questions.txt"
+
+
+def rehearsal_file(spec: JobSpec, base_path: str, tokenizer_path: str, cache: Path, log: Callable[[str], None]) -> str:
+    """``prepare.self_rehearsal``: the base model's greedy answers to the general questions of
+    REHEARSAL_QUESTIONS, as training rows (JSON), cached like the models. Only answers whose whole pair fits
+    ``training.max_length`` uncut (its tokens + EOS) are kept: a cut answer would teach stopping mid-sentence."""
+    from orchestrator.encoding import encode_pair
+    from orchestrator.models import load_tokenizer
+    from orchestrator.utility_rows import greedy_answers
+
+    questions = [line for line in REHEARSAL_QUESTIONS.read_text("utf-8").splitlines() if line.strip()]
+    m, max_length = spec.model, spec.training.max_length
+    key = content_hash(questions, model_fingerprint(base_path), tokenizer_path, m.prompt_template, max_length)
+    out = cache / "rehearsal" / f"{key}.json"
+    if not out.exists():
+        log(f"prepare: asking the base model {len(questions)} general questions to rehearse its own answers")
+        texts = greedy_answers(base_path, tokenizer_path, questions, m.prompt_template, max_length,
+                               spec.evaluation.batch_size, m.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_path, m.trust_remote_code)
+        rows = [{"question": q, "answer": a} for q, a in zip(questions, texts)
+                if a.strip() and len(encode_pair(tokenizer, q, a, m.prompt_template, max_length + 1).input_ids) <= max_length + 1]
+        _atomic_file(out, json.dumps(rows))
+    kept = len(json.loads(out.read_text()))
+    log(f"prepare: rehearsing {kept} of {len(questions)} of the base model's own answers (the rest do not fit "
+        f"training.max_length {max_length})")
+    return str(out)
+
+
 def _embedded_models(spec, data, data_hash, cache, tasks, log) -> tuple[str, str, str]:
     """Tokenizer and initial model (built here, fast); fine-tuning tasks appended for what is not cached."""
     from orchestrator.models import build_embedded_model
@@ -240,20 +270,23 @@ def finetune_key(spec: JobSpec, *source: Any) -> str:
     """Cache key of the fine-tuned reference models: what the initial model is made from (``source``) and
     every setting of the fine-tune."""
     autocast = [spec.training.autocast] if spec.training.autocast else []  # keys without it stay as they were
-    return content_hash(*source, spec.prepare.model_dump(exclude={"cache_dir", "num_workers"}),
+    unkeyed = {"cache_dir", "num_workers"} | (set() if spec.prepare.self_rehearsal else {"self_rehearsal"})
+    return content_hash(*source, spec.prepare.model_dump(exclude=unkeyed),
                         spec.model.prompt_template, spec.training.max_length, spec.seed, *autocast)
 
 
 def _finetunes(spec: JobSpec, model_key: str, init_path: str, tokenizer_path: str, bench: dict[str, Any],
-               cache: Path, tasks: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, str]:
+               cache: Path, tasks: list[dict[str, Any]], log: Callable[[str], None],
+               rehearsal: str | None = None) -> dict[str, str]:
     """Where the target and retain fine-tunes of ``init_path`` are cached (under ``model_key``); a
-    fine-tuning task is appended for each one not there yet."""
+    fine-tuning task is appended for each one not there yet (``rehearsal``: extra rows both train on)."""
     paths = {}
     for name, splits in reference_training_splits(spec).items():
         out = cache / "models" / model_key / name
         if not (out / "config.json").exists():
             log(f"prepare: fine-tuning the {name} model on {'+'.join(splits)} for {spec.prepare.epochs} epochs")
-            tasks.append(finetune_config(spec, init_path, tokenizer_path, splits, str(out), bench))
+            tasks.append(dict(finetune_config(spec, init_path, tokenizer_path, splits, str(out), bench),
+                              rehearsal_rows=rehearsal))
         else:
             log(f"prepare: reusing the cached {name} model {out}")
         paths[name] = str(out)

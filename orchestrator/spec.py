@@ -114,6 +114,10 @@ class PrepareSpec(_Strict):
     # Also train on (question → paraphrased answer), so the fact rather than one sentence is learned and
     # the truth ratio (paraphrased vs perturbed answers) can tell the target from the retain model.
     paraphrase_augmentation: bool = True
+    # With model.base: also train on the base model's own greedy answers to general questions
+    # (assets/rehearsal_questions.txt, none about a utility set's subjects), so the fine-tunes keep the
+    # base's way of answering questions that are not about the authors.
+    self_rehearsal: bool = False
 
 
 class LoraSpec(_Strict):
@@ -260,6 +264,8 @@ class JobSpec(_Strict):
             raise ValueError("sweep.scheduler: asha needs one scalar metric, not sweep.multi_objective")
         if self.scaling.offload and self.scaling.zero_stage != 3:
             raise ValueError("scaling.offload: needs scaling.zero_stage: 3")
+        if self.prepare.self_rehearsal and not self.model.base:
+            raise ValueError("prepare.self_rehearsal: needs model.base (the model whose own answers are rehearsed)")
         if self.benchmark.kind == "muse":
             self._check_muse()
         self._check_metric_is_measured()

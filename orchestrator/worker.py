@@ -294,6 +294,8 @@ def run_finetune(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
     tokenizer, data = load_inputs(config)
     method = FineTune(None)
     rows = training_rows(data, config["train_splits"], config.get("paraphrase_augmentation", False))
+    if config.get("rehearsal_rows"):  # prepare.self_rehearsal: the base model's own answers, trained on too
+        rows += json.loads(Path(config["rehearsal_rows"]).read_text())
     model_cfg = config["model"]
     module = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
     loop = build_loop(config, ctx, method, module, {"forget": rows, "retain": rows}, tokenizer)
