@@ -27,13 +27,23 @@ def build_embedded_model(vocab_size: int, hidden_size: int, num_layers: int, num
     return LlamaForCausalLM(config)
 
 
-def load_model(reference: str, dtype: str = "float32", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+def load_model(reference: str, dtype: str = "float32", trust_remote_code: bool = False, num_layers: int | None = None):
+    """``num_layers``: only the first this-many decoder layers (ULD's assistant), the rest never loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    path = os.path.expanduser(reference)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(reference), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
+        extra = {}
+        if num_layers is not None:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            if num_layers > config.num_hidden_layers:
+                raise ValueError(f"cannot take {num_layers} layers of {reference} ({config.num_hidden_layers} layers)")
+            config.num_hidden_layers = num_layers
+            if isinstance(getattr(config, "layer_types", None), list):  # Qwen2, Gemma2, ...: a type per layer
+                config.layer_types = config.layer_types[:num_layers]
+            extra["config"] = config
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                    **extra)
     except OSError as err:
         raise ModelLoadError(f"cannot load model {reference!r}: {str(err).splitlines()[0][:160]}") from None
 
@@ -64,14 +74,20 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: l
 
 
 def build_module(model_cfg: dict, lora: dict | None, method):
-    """What a trial trains, freshly built: the model (LoRA-wrapped when ``lora``) or ULD's assistant."""
-    base = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
+    """What a trial trains, freshly built: the model (LoRA-wrapped when ``lora``) or ULD's assistant (the
+    target's first layers, loaded alone). Inside ``zero.partitioned_loading`` the weights load partitioned."""
+    path, dtype, remote = model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"]
     if method.trains == "assistant":
-        from orchestrator.uld import assistant_layer_count, build_assistant
+        from transformers import AutoConfig
+
+        from orchestrator.uld import assistant_layer_count, lora_assistant
 
         p = method.params
-        layers = assistant_layer_count(base.config.num_hidden_layers, p.assistant_layers)
-        return build_assistant(base, layers, p.lora_rank, p.lora_alpha, p.lora_dropout)
+        layers = assistant_layer_count(AutoConfig.from_pretrained(path, trust_remote_code=remote).num_hidden_layers,
+                                       p.assistant_layers)
+        return lora_assistant(load_model(path, dtype, remote, num_layers=layers), p.lora_rank, p.lora_alpha,
+                              p.lora_dropout)
+    base = load_model(path, dtype, remote)
     if lora:
         return apply_lora(base, lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
     return base

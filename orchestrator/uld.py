@@ -93,11 +93,16 @@ def build_assistant(
     lora_alpha: float,
     lora_dropout: float,
 ) -> PeftModel:
-    """ULD's assistant: the target's first K layers, frozen, with LoRA on the decoder layers' linears.
-
-    LoRA's B starts at zero, so before training the assistant computes exactly the truncated target.
+    """ULD's assistant: a copy of the target's first K layers, frozen, with LoRA on the decoder layers'
+    linears. LoRA's B starts at zero, so before training the assistant computes exactly the truncated target.
     """
-    truncated = copy_first_layers(target, num_layers)
+    return lora_assistant(copy_first_layers(target, num_layers), lora_rank, lora_alpha, lora_dropout)
+
+
+def lora_assistant(truncated: PreTrainedModel, lora_rank: int, lora_alpha: float, lora_dropout: float) -> PeftModel:
+    """LoRA on the decoder layers' linears of ``truncated`` (frozen, wrapped in place): ULD's assistant from
+    a model that already has just the assistant's layers (models.build_module loads only those)."""
+    truncated.requires_grad_(False)
     lora = LoraConfig(
         r=lora_rank,
         lora_alpha=lora_alpha,

@@ -34,7 +34,7 @@ from orchestrator.steps import EpochStats, gather_epoch, run_epoch, trainable_pa
 from orchestrator.trial_report import emit_epoch
 from orchestrator.evaluation.config import eval_config
 from orchestrator.models import build_module
-from orchestrator.zero import build_engine, frozen_copy, save_consolidated, whole_weights
+from orchestrator.zero import build_engine, frozen_copy, partitioned_loading, save_consolidated, whole_weights
 
 
 @dataclass
@@ -116,7 +116,8 @@ def build_trained_module(config: dict[str, Any], ctx: WorkerContext, method: Unl
     stage = int(config["scaling"]["zero_stage"])
     target = (frozen_copy(model_cfg["path"], model_cfg, stage, ctx.world_size, ctx.device)
               if method.trains == "assistant" else None)
-    module = build_module(config["model"], config["training"].get("lora"), method)
+    with loading_for(config, ctx):
+        module = build_module(config["model"], config["training"].get("lora"), method)
     if train_cfg["gradient_checkpointing"]:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(module, "enable_input_require_grads"):
@@ -127,6 +128,13 @@ def build_trained_module(config: dict[str, Any], ctx: WorkerContext, method: Unl
         reference = (AdaptersOff(module) if train_cfg.get("lora")
                      else frozen_copy(model_cfg["path"], model_cfg, stage, ctx.world_size, ctx.device))
     return module, reference, target
+
+
+def loading_for(config: dict[str, Any], ctx: WorkerContext):
+    """Where the trained model is loaded: partitioned from the start under ZeRO-3 (zero.partitioned_loading)."""
+    scaling = config["scaling"]
+    return partitioned_loading(int(scaling["zero_stage"]), ctx.world_size, config["model"]["dtype"],
+                               bool(scaling.get("offload")))
 
 
 class AdaptersOff:
@@ -297,7 +305,8 @@ def run_finetune(config: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
     if config.get("rehearsal_rows"):  # prepare.self_rehearsal: the base model's own answers, trained on too
         rows += json.loads(Path(config["rehearsal_rows"]).read_text())
     model_cfg = config["model"]
-    module = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
+    with loading_for(config, ctx):
+        module = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
     loop = build_loop(config, ctx, method, module, {"forget": rows, "retain": rows}, tokenizer)
     epochs, seconds, tokens = int(config["training"]["epochs"]), 0.0, 0
     for epoch, stats in train_epochs(loop, method, None, ctx, epochs):

@@ -2,7 +2,8 @@
 and saving a consolidated ``from_pretrained`` directory.
 
 Stage 0/2 keep a whole model per rank (2 partitions gradients and optimizer states); stage 3 partitions
-the weights too, so a frozen reference or ULD's target is wrapped in an optimizer-less engine.
+the weights too, from construction on (``partitioned_loading``), so a frozen reference or ULD's target is
+wrapped in an optimizer-less engine.
 """
 from __future__ import annotations
 
@@ -44,12 +45,33 @@ def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, world_size: 
     return config
 
 
+@contextmanager
+def partitioned_loading(stage: int, world_size: int, dtype: str, offload: bool = False) -> Any:
+    """ZeRO-3: models loaded inside are built under ``deepspeed.zero.Init`` (transformers' DeepSpeed
+    integration: each layer's parameters are partitioned as it is created, rank 0 reads the checkpoint and
+    each layer is gathered, filled and re-partitioned), so no rank ever holds the whole model. Other stages
+    keep a whole model per rank: nothing changes."""
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # transformers holds only a weak reference: this name keeps the config alive for the block.
+    active = HfDeepSpeedConfig(deepspeed_config(3, 1, 1, world_size, dtype, offload, 0.0))
+    try:
+        yield active
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def frozen_copy(reference: str, model_cfg: dict, stage: int, world_size: int, device: torch.device):
-    """A frozen model for reference outputs or ULD's target. Under ZeRO-3 it is partitioned across the
-    gang by a DeepSpeed engine without optimizer, so no worker holds a full copy after setup."""
+    """A frozen model for reference outputs or ULD's target. Under ZeRO-3 it is loaded partitioned
+    (``partitioned_loading``) and wrapped in a DeepSpeed engine without optimizer: no worker ever holds a
+    full copy."""
     from orchestrator.models import load_model
 
-    model = load_model(reference, model_cfg["dtype"], model_cfg["trust_remote_code"])
+    with partitioned_loading(stage, world_size, model_cfg["dtype"]):
+        model = load_model(reference, model_cfg["dtype"], model_cfg["trust_remote_code"])
     model.requires_grad_(False)
     model.eval()
     if stage != 3:
@@ -78,8 +100,12 @@ def whole_weights(engines: list) -> Any:
 
 
 def save_consolidated(engine, tokenizer, directory: str, rank: int, stage: int) -> None:
-    """Consolidate (ZeRO-3 gathers every shard) and save as a from_pretrained directory on rank 0."""
+    """Consolidate (ZeRO-3 gathers every shard) and save as a from_pretrained directory on rank 0; nothing
+    without a ``directory`` (a fine-tune measured, not kept)."""
     import deepspeed
+
+    if directory is None:
+        return
 
     module = engine.module
     context = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if stage == 3 else nullcontext()
