@@ -34,6 +34,7 @@ import torch
 from orchestrator.measure import (DeviceMemoryPeak, epoch_costs, free_port, machine_description, matmul_peak_flops,
                                   steady_tokens_per_second, training_flops_per_token)
 from orchestrator.provenance import PROJECT_ROOT
+from orchestrator.zero import fused_adamw
 
 GIB = 1024 ** 3
 
@@ -355,7 +356,7 @@ def run_check(out: Path, size_name: str, steps: int, dtype: str | None, offload:
         "machine": machine_description(), "device": str(device), "dtype": dtype, "zero_stage": zero_stage,
         "offload": offload, "authors": size.num_authors, "generation": size.generation,
         "gather_weights": gather_weights,
-        "backend": "nccl" if use_gpu else "gloo", "fused_adamw": use_gpu and not offload, "world_size": 1,
+        "backend": "nccl" if use_gpu else "gloo", "fused_adamw": fused_adamw(offload), "world_size": 1,
         "config_size": size_name, "steps": steps, "threads_per_worker": threads,
         "matmul_peak_flops": peak, "matmul_peak": f"{size.matmul_size}² {dtype} torch.mm on {device}",
         "methods": {method: check_method(method, spec, model_dir, out, peak, device, timeout)

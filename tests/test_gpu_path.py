@@ -1,9 +1,10 @@
 """The GPU path's decisions, checked without a GPU: the DeepSpeed config for bf16 + ZeRO-3 (+ offload),
-when AdamW is fused, the trial config and FLOP accounting of ``orchestrator.gpu_check``, and (integration)
+when AdamW is fused (everywhere but under offload), the trial config and FLOP accounting of ``orchestrator.gpu_check``, and (integration)
 the check itself on CPU through the real torchrun entry with ZeRO-3 for NPO and ULD.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -69,9 +70,10 @@ def tiny_check(tmp_path_factory):
 
 
 @pytest.mark.parametrize("device, offload, fused", [
-    ("cpu", False, None), ("cpu", True, None), ("cuda", False, True), ("cuda", True, None),
+    ("cpu", False, True), ("cpu", True, None), ("cuda", False, True), ("cuda", True, None),
 ])
-def test_adamw_is_fused_only_on_cuda_without_offload(device, offload, fused, tiny_check, monkeypatch):
+def test_adamw_is_fused_unless_offloaded(device, offload, fused, tiny_check, monkeypatch):
+    from orchestrator import worker
     from orchestrator.worker import WorkerContext, run_job
 
     out, spec = tiny_check
@@ -83,8 +85,10 @@ def test_adamw_is_fused_only_on_cuda_without_offload(device, offload, fused, tin
         seen.update(kwargs)
         raise _OptimizerBuilt
 
-    # GA has no reference model, so nothing before the optimizer touches the (absent) CUDA device.
+    # GA has no reference model, so nothing before the optimizer touches the (absent) CUDA device; the
+    # model loads whole (ZeRO-3's partitioned loading needs a process group, tested in test_zero_init.py).
     monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    monkeypatch.setattr(worker, "loading_for", lambda config, ctx: contextlib.nullcontext())
     with pytest.raises(_OptimizerBuilt):
         run_job(config, WorkerContext(0, 1, torch.device(device), lambda metrics, directory: None))
     assert seen["fused"] is fused
@@ -218,7 +222,7 @@ def test_gpu_check_runs_npo_and_uld_with_zero3_through_torchrun_on_cpu(tmp_path)
                           timeout=300, cwd=gpu_check.PROJECT_ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert summary["zero_stage"] == 3 and summary["backend"] == "gloo" and not summary["fused_adamw"]
+    assert summary["zero_stage"] == 3 and summary["backend"] == "gloo" and summary["fused_adamw"]
     assert math.isfinite(summary["matmul_peak_flops"]) and summary["matmul_peak_flops"] > 0
     for method in ("npo", "uld"):
         result = summary["methods"][method]
