@@ -17,6 +17,7 @@ before and after. Rows are written once: a trial resumed after a crash skips the
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,11 @@ def _gathered_state(engine, rank: int, stage: int) -> dict[str, torch.Tensor] | 
     return None
 
 
+# robustness.suite: forget — what a probe then leaves unscored, and why
+UTILITY_SIDE = ("model_utility", "utility_loss", "retain_", "ra_", "wf_", "knowmem_retain")
+FORGET_SUITE_ONLY = "robustness.suite is forget: a probe scores the forget side only"
+
+
 def _probe_and_write(config, ctx, method, state, probe: str, epoch: int, tokenizer, data) -> None:
     from orchestrator.results import write_evals
     from orchestrator.trial_report import evals_row
@@ -98,6 +104,9 @@ def _probe_and_write(config, ctx, method, state, probe: str, epoch: int, tokeniz
     started = time.perf_counter()
     result = _attack_and_score(config, ctx, method, state, probe, tokenizer, data)
     reasons = dict(result.not_measured)
+    if config["robustness"].get("suite") == "forget":
+        reasons.update({name: FORGET_SUITE_ONLY for name, value in result.metrics.items()
+                        if value is None and name.startswith(UTILITY_SIDE)})
     if probe == "relearn" and result.metrics.get("privleak") is None and config["references"].get("retain_stats"):
         reasons["privleak"] = "relearn scores the rest of the forget set; the retain model's MIA AUC is over all of it"
     metrics = dict(result.metrics, status="ok", epoch=epoch, probe=probe, eval_seconds=time.perf_counter() - started,
@@ -170,6 +179,10 @@ def _evaluate_rest(config, ctx, scorer, tokenizer, data, keep: list[int]):
 
     bench, refs = config["benchmark"], config["references"]
     data = dict(data, **{bench["forget_split"]: [data[bench["forget_split"]][i] for i in keep]})
+    settings, retain_split = eval_config(config), bench["retain_split"]
+    if config["robustness"].get("suite") == "forget":  # the forget side only: no retain, utility or MUSE sets
+        data = {name: data[name] for name in (bench["forget_split"], bench["holdout_split"]) if name in data}
+        settings, retain_split = replace(settings, utility_sets=False), None
     reference = None
     if refs.get("retain_stats"):
         full = ReferenceStats.from_json(Path(refs["retain_stats"]).read_text())
@@ -181,7 +194,7 @@ def _evaluate_rest(config, ctx, scorer, tokenizer, data, keep: list[int]):
         # relearn probe (scored on the rest) has none to compare with
         reference = ReferenceStats([full.forget_truth_ratios[i] for i in keep], {} if cut else full.mia_auc, losses)
     with torch.no_grad():
-        return evaluate(scorer, tokenizer, data, eval_config(config), forget_split=bench["forget_split"],
-                        retain_split=bench["retain_split"], holdout_split=bench["holdout_split"],
+        return evaluate(scorer, tokenizer, data, settings, forget_split=bench["forget_split"],
+                        retain_split=retain_split, holdout_split=bench["holdout_split"],
                         retain_reference=reference, target_model_utility=refs.get("target_model_utility"),
                         rank=0, world_size=1)

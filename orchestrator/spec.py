@@ -203,6 +203,9 @@ class RobustnessSpec(_Strict):
     relearn_fraction: float = Field(0.1, gt=0, lt=1)  # share of forget pairs the attacker trains on (≥ 1)
     relearn_epochs: int = Field(3, ge=1)
     relearn_lr: float | None = Field(None, gt=0)  # None: the trial's own learning rate
+    # "full": the usual suite after each attack; "forget": the forget side only (forget and holdout splits:
+    # FQ, forget prob / ROUGE / truth ratio, MIAs, privleak), about a third of an evaluation, no utility.
+    suite: Literal["full", "forget"] = "full"
 
     @model_validator(mode="after")
     def _unique(self) -> "RobustnessSpec":

@@ -147,3 +147,19 @@ def test_a_resumed_trial_attacks_only_the_probes_it_has_no_row_for(tmp_path, mon
     attacked.clear(), loaded.clear()
     probes.run_probes(config, types.SimpleNamespace(rank=0), Engine(), None, None, None, history)
     assert attacked == [] and loaded == []
+
+
+def test_the_forget_suite_scores_the_forget_side_as_the_full_suite_does_and_nothing_else(unlearned, tmp_path):
+    """robustness.suite: forget leaves the forget / holdout metrics exactly as the full suite computes them
+    and never runs a retain (or utility) example."""
+    model, tokenizer, data = unlearned
+    config = _config(tmp_path)
+    rest = list(range(len(data["forget10"])))
+    full = _evaluate_rest(config, None, ModelScorer(model), tokenizer, data, rest)
+    config["robustness"]["suite"] = "forget"
+    forget_only = _evaluate_rest(config, None, ModelScorer(model), tokenizer, data, rest)
+    for name in ("forget_prob", "forget_truth_ratio", "mia_loss_auc", "mia_zlib_auc", "extraction_strength"):
+        assert full.metrics[name] is not None and forget_only.metrics[name] == pytest.approx(full.metrics[name])
+    assert full.metrics["retain_prob"] is not None and forget_only.metrics["retain_prob"] is None
+    assert {s["split"] for s in forget_only.samples} == {"forget10", "holdout10"}
+    assert "retain90" in {s["split"] for s in full.samples}

