@@ -49,3 +49,31 @@ def probed_forget(row: dict[str, Any]) -> float:
     """The forget axis a robust ranking uses: the value after the worst probe (NaN when not probed)."""
     value = row.get("probe_forget_score")
     return math.nan if value is None else float(value)
+
+
+def probe_rows(evals_rows: list[dict[str, Any]], trial: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The probe rows of one trial summary's chosen epoch, by probe."""
+    key = (trial["run_id"], trial["trial_id"], trial["epoch"])
+    return {r["probe"]: r for r in evals_rows if r.get("probe") and (r["run_id"], r["trial_id"], r["epoch"]) == key}
+
+
+def probe_table(evals_rows: list[dict[str, Any]], trials: list[dict[str, Any]]) -> str | None:
+    """Markdown: each probed trial's forget quality and forget-answer probability at its chosen epoch, before
+    and after each probe (None when no trial was probed). A cell the probe did not measure shows '-'."""
+    probed = [(trial, probe_rows(evals_rows, trial)) for trial in trials]
+    probed = [(trial, rows) for trial, rows in probed if rows]
+    if not probed:
+        return None
+    names = sorted({name for _, rows in probed for name in rows})
+    cell = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    header = ["method", "params", "epoch", "FQ", "forget prob"]
+    header += [f"{label} {name}" for name in names for label in ("FQ", "forget prob")] + ["worst probe"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for trial, rows in probed:
+        cells = [trial["method"], trial.get("params") or "-", str(trial["epoch"]),
+                 cell(trial.get("forget_quality"), ".3g"), cell(trial.get("forget_prob"), ".3f")]
+        for name in names:
+            row = rows.get(name, {})
+            cells += [cell(row.get("forget_quality"), ".3g"), cell(row.get("forget_prob"), ".3f")]
+        lines.append("| " + " | ".join(cells + [trial.get("worst_probe") or "-"]) + " |")
+    return "\n".join(lines)

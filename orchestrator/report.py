@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from orchestrator.probe_view import probe_table
 from orchestrator.results import forget_axis
 from orchestrator.scores import FQ_FLOOR
 
@@ -307,7 +308,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 def markdown_report(*, ranked: pa.Table, methods: pa.Table, run_ids: list[str], warnings: list[str], utility_ceiling: float,
-                    probes: Path | None = None) -> str:
+                    probes: Path | None = None, probe_table: str | None = None) -> str:
     parts = [
         "# Unlearning comparison",
         f"Runs: {', '.join(f'`{r}`' for r in run_ids)}  \nUtility-loss ceiling: {utility_ceiling:g}",
@@ -319,7 +320,7 @@ def markdown_report(*, ranked: pa.Table, methods: pa.Table, run_ids: list[str], 
         "## Trials\n" + markdown_table(ranked) + "\n\n" + "\n".join(f"- {n}" for n in table_notes(ranked)),
         f"## Forget quality vs utility loss\n![forget quality vs utility loss]({SCATTER_FILE})",
         f"## Learning curves\n![learning curves]({CURVES_FILE})",
-        *([f"## Robustness probes\n![before vs after each probe]({PROBES_FILE})"] if probes else []),
+        *([f"## Robustness probes\n{probe_table}\n\n![before vs after each probe]({PROBES_FILE})"] if probes else []),
         "## How to read this\n" + "\n".join(f"- {item}" for item in HOW_TO_READ),
     ]
     return "\n\n".join(parts) + "\n"
@@ -415,6 +416,7 @@ def write_report(
     probes = plot_probes(evals, ranked, out_dir / PROBES_FILE)
     shared = dict(ranked=ranked, methods=methods, run_ids=run_ids, warnings=warnings, utility_ceiling=utility_ceiling,
                   probes=probes)
-    markdown = _write_text(markdown_report(**shared), out_dir / MARKDOWN_FILE)
+    markdown = _write_text(markdown_report(**shared, probe_table=probe_table(evals.to_pylist(), ranked.to_pylist())),
+                           out_dir / MARKDOWN_FILE)
     page = _write_text(html_report(**shared, scatter=scatter, curves=curves), out_dir / HTML_FILE)
     return {"markdown": markdown, "html": page, "scatter": scatter, "curves": curves} | ({"probes": probes} if probes else {})

@@ -163,3 +163,21 @@ def test_the_forget_suite_scores_the_forget_side_as_the_full_suite_does_and_noth
     assert full.metrics["retain_prob"] is not None and forget_only.metrics["retain_prob"] is None
     assert {s["split"] for s in forget_only.samples} == {"forget10", "holdout10"}
     assert "retain90" in {s["split"] for s in full.samples}
+
+
+def test_the_probe_table_shows_each_probed_trial_before_and_after_each_probe():
+    from orchestrator.probe_view import probe_table
+
+    trial = {"run_id": "r", "trial_id": "npo_1", "method": "npo", "params": '{"lr": 5e-05}', "epoch": 2,
+             "forget_quality": 0.25, "forget_prob": 0.31, "worst_probe": "int4"}
+    unprobed = dict(trial, trial_id="ga_2", method="ga", worst_probe=None)
+    rows = [dict(trial, probe=None),
+            {"run_id": "r", "trial_id": "npo_1", "epoch": 2, "probe": "int4", "forget_quality": 0.0012, "forget_prob": 0.7},
+            {"run_id": "r", "trial_id": "npo_1", "epoch": 2, "probe": "relearn", "forget_quality": None, "forget_prob": 0.5},
+            {"run_id": "r", "trial_id": "npo_1", "epoch": 1, "probe": "int8", "forget_quality": 0.9, "forget_prob": 0.1}]
+    table = probe_table(rows, [trial, unprobed]).splitlines()
+    assert table[0] == ("| method | params | epoch | FQ | forget prob | FQ int4 | forget prob int4 | FQ relearn "
+                        "| forget prob relearn | worst probe |")
+    # epoch 1's int8 row attacks another epoch: not this trial's chosen one; ga has no probe rows at all
+    assert table[2:] == ['| npo | {"lr": 5e-05} | 2 | 0.25 | 0.310 | 0.0012 | 0.700 | - | 0.500 | int4 |']
+    assert probe_table(rows, [unprobed]) is None
