@@ -17,6 +17,7 @@ before and after. Rows are written once: a trial resumed after a crash skips the
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def run_probes(config: dict[str, Any], ctx, engine, method, tokenizer, data, his
                 _probe_and_write(config, ctx, method, state, probe, epoch, tokenizer, data)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+    if ctx.rank == 0:  # every probe written: the kept weights (a whole engine checkpoint, 2.1 GB for 135M) go
+        shutil.rmtree(probe_dir(config), ignore_errors=True)
 
 
 def _gathered_state(engine, rank: int, stage: int) -> dict[str, torch.Tensor] | None:

@@ -135,11 +135,14 @@ def test_a_resumed_trial_attacks_only_the_probes_it_has_no_row_for(tmp_path, mon
         def load_checkpoint(self, directory, tag, **kwargs):
             loaded.append(tag)
 
+    kept = probes.probe_dir(config) / probes.PROBE_TAG
+    kept.mkdir(parents=True)
     monkeypatch.setattr(probes, "_probe_and_write",
                         lambda cfg, ctx, method, state, probe, epoch, *rest: attacked.append((probe, epoch)))
     probes.run_probes(config, types.SimpleNamespace(rank=0), Engine(), None, None, None, history)
     assert attacked == [("relearn", 2), ("int4", 2)] and loaded == [probes.PROBE_TAG]
     assert (tmp_path / "evals" / eval_file_name("ga_0001", 2, "int8")).exists()
+    assert not probes.probe_dir(config).exists()  # all probes written: the kept checkpoint is deleted
 
     for probe in ("relearn", "int4"):  # all three written: a second resume attacks nothing, loads nothing
         write_evals(tmp_path, [{"trial_id": "ga_0001", "method": "ga", "epoch": 2, "probe": probe, "status": "ok"}],
