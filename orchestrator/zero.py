@@ -45,6 +45,17 @@ def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, world_size: 
     return config
 
 
+def join_gang_comm() -> None:
+    """DeepSpeed's comm layer on the gang's process group (Ray Train opens it with torch.distributed).
+    zero.Init reads the world size from DeepSpeed's comm, not torch's: before deepspeed.initialize ever ran
+    it saw a world of 1 and refused the gang's batch size."""
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch_dist.get_backend())
+
+
 @contextmanager
 def partitioned_loading(stage: int, world_size: int, dtype: str, offload: bool = False) -> Any:
     """ZeRO-3: models loaded inside are built under ``deepspeed.zero.Init`` (transformers' DeepSpeed
@@ -56,6 +67,7 @@ def partitioned_loading(stage: int, world_size: int, dtype: str, offload: bool =
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    join_gang_comm()
     # transformers holds only a weak reference: this name keeps the config alive for the block.
     active = HfDeepSpeedConfig(deepspeed_config(3, 1, 1, world_size, dtype, offload, 0.0))
     try:

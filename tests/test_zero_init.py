@@ -29,7 +29,8 @@ def _loading_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     from orchestrator.zero import partitioned_loading
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    # torch.distributed only, as Ray Train opens a gang: DeepSpeed's comm is not initialised before loading.
+    torch.distributed.init_process_group("gloo")
     model_cfg = {"path": model_dir, "dtype": "float32", "trust_remote_code": False}
     uld = build_method("uld", assistant_layers=ASSISTANT_LAYERS, lora_rank=4, lora_alpha=8.0)
     with partitioned_loading(3, 2, "float32"):
