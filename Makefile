@@ -37,7 +37,7 @@ quickstart: $(STAMP)
 	$(PY) -m orchestrator run jobs/quickstart.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" $(ARGS)

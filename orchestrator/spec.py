@@ -140,7 +140,8 @@ class TrainingSpec(_Strict):
     lora: LoraSpec | None = None
     # Training forwards (a method's policy and reference forwards, prepare's fine-tunes) under
     # torch.autocast in bfloat16; weights, gradients and optimizer states stay float32 (model.dtype) and
-    # evaluation runs in model.dtype.
+    # evaluation runs in model.dtype. Only on devices with native bf16 matmuls (models.training_autocast):
+    # elsewhere the forwards run in model.dtype, as bf16 there is ~18x slower than float32.
     autocast: Literal["bfloat16"] | None = None
 
 

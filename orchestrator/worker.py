@@ -155,7 +155,7 @@ def build_loop(config: dict[str, Any], ctx: WorkerContext, method: UnlearningMet
 
     from orchestrator.data.training import UnlearningDataset, collate_splits
     from orchestrator.encoding import pad_id
-    from orchestrator.models import DTYPES
+    from orchestrator.models import training_autocast
 
     model_cfg, train_cfg, seed = config["model"], config["training"], int(config["seed"])
     dataset = UnlearningDataset(rows, method.splits, tokenizer, model_cfg["prompt_template"], train_cfg["max_length"], seed)
@@ -166,8 +166,7 @@ def build_loop(config: dict[str, Any], ctx: WorkerContext, method: UnlearningMet
     steps_per_epoch = math.ceil(len(loader) / train_cfg["grad_accum"])
     engine, parameters = build_engine(module, parameters, train_cfg, config["scaling"], model_cfg["dtype"],
                                       ctx.world_size, ctx.device, steps_per_epoch)
-    autocast = DTYPES[train_cfg["autocast"]] if train_cfg.get("autocast") else None
-    return Loop(engine, parameters, dataset, sampler, loader, autocast)
+    return Loop(engine, parameters, dataset, sampler, loader, training_autocast(train_cfg.get("autocast"), ctx.device))
 
 
 def train_epochs(loop: Loop, method: UnlearningMethod, reference, ctx: WorkerContext, epochs: int,

